@@ -361,3 +361,18 @@ def tfrecord_pattern(directory: str, split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return os.path.join(directory, split, "*.tfrecord.gz")
+
+
+# ---- hashing of open-ended categorical values ------------------------------------------------
+def query_token_index(token_id: int, buckets: int = DEFAULT_QUERY_TOKEN_BUCKETS) -> int:
+    """Maps a raw query/caption token id to [1, buckets); 0 stays reserved for padding/unknown."""
+    return int(token_id) % (buckets - 1) + 1
+
+
+def profile_value_index(field: str, value: Any, buckets: int = DEFAULT_PROFILE_BUCKETS) -> int:
+    """Stable hash of one user-profile field value into [1, buckets); missing values map to 0."""
+    import zlib
+
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
+        return OOV_INDEX
+    return zlib.crc32(f"{field}={value}".encode()) % (buckets - 1) + 1
