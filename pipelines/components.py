@@ -1,0 +1,138 @@
+"""KFP v2 components of the QIN flow. Each one runs one of the project's own command-line
+modules (`python -m preprocessing ...`, `python -m trainer.task ...`) in the component's
+container, so no logic lives here and a step behaves exactly as it does from a shell.
+
+Lightweight components must be self-contained (KFP serialises the function body), hence the
+imports inside each function and the small `_run` helper repeated as a nested function.
+The container image is the project image built from requirements.txt (see README,
+"Running on Vertex AI Pipelines"); set QIN_PIPELINE_IMAGE before compiling to change it.
+"""
+import os
+from typing import NamedTuple
+
+from kfp import dsl
+
+PIPELINE_IMAGE = os.environ.get("QIN_PIPELINE_IMAGE", "qin-search:latest")
+
+
+def _component(func):
+    # No pip install per step: the image (or the local environment) already has the project.
+    return dsl.component(base_image=PIPELINE_IMAGE, install_kfp_package=False)(func)
+
+
+@_component
+def acquire_raw_logs(input_format: str, input_uri: str, users: int, items: int, requests: int,
+                     lifelong_users: int, seed: int, raw: dsl.Output[dsl.Dataset]) -> str:
+    """Generates canonical logs when input_uri is empty, else checks the given logs exist.
+    Returns the URI the preprocess step reads."""
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
+    if input_uri:
+        if not tf.io.gfile.exists(input_uri):
+            raise FileNotFoundError(f"input_uri {input_uri} does not exist")
+        raw.metadata.update({"input_format": input_format, "source": input_uri})
+        tf.io.gfile.makedirs(raw.path)
+        with tf.io.gfile.GFile(raw.path + "/SOURCE", "w") as f:
+            f.write(input_uri + "\n")
+        return input_uri
+    if input_format != "canonical":
+        raise ValueError("generated data is in the canonical layout; set input_uri to read "
+                         f"{input_format} logs")
+    subprocess.run([sys.executable, "-m", "preprocessing.synthetic", "--output", raw.path,
+                    "--users", str(users), "--items", str(items), "--requests", str(requests),
+                    "--lifelong-users", str(lifelong_users), "--seed", str(seed)], check=True)
+    raw.metadata.update({"input_format": "canonical", "source": "generated", "seed": seed})
+    return raw.path
+
+
+@_component
+def preprocess(raw_uri: str, input_format: str, long_term_length: int, real_time_length: int,
+               long_term_mode: str, workers: int, data: dsl.Output[dsl.Dataset]):
+    """Beam preprocessing into TFRecords, vocabularies, stats and the feature store."""
+    import json
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
+    subprocess.run([sys.executable, "-m", "preprocessing", "--input-format", input_format,
+                    "--input", raw_uri, "--output", data.path,
+                    "--long-term-length", str(long_term_length),
+                    "--real-time-length", str(real_time_length),
+                    "--long-term-mode", long_term_mode,
+                    "--direct_num_workers", str(workers),
+                    "--direct_running_mode", "multi_processing" if workers > 1 else "in_memory"],
+                   check=True)
+    with tf.io.gfile.GFile(data.path + "/stats.json") as f:
+        stats = json.load(f)
+    data.metadata.update({k: v for k, v in stats.items() if isinstance(v, (int, float, str))})
+
+
+@_component
+def train(data: dsl.Input[dsl.Dataset], model_preset: str, config_json: str, epochs: int,
+          batch_size: int, seed: int, model: dsl.Output[dsl.Model]):
+    """Trains one model preset; checkpoints make a retried step resume, not restart."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "trainer.task", "--data", data.path, "--model-dir", model.path,
+           "--model", model_preset, "--epochs", str(epochs), "--batch-size", str(batch_size),
+           "--seed", str(seed)]
+    if config_json:
+        cmd += ["--config", config_json]
+    subprocess.run(cmd, check=True)
+    model.metadata.update({"preset": model_preset, "framework": "tensorflow"})
+
+
+class EvaluationResult(NamedTuple):
+    click_gauc: float
+    click_auc: float
+
+
+@_component
+def evaluate(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], split: str,
+             metrics: dsl.Output[dsl.Metrics],
+             report: dsl.Output[dsl.Markdown]) -> NamedTuple("EvaluationResult",
+                                                             [("click_gauc", float),
+                                                              ("click_auc", float)]):
+    """Evaluates on a held-out split; returns the figures the release gate checks."""
+    import collections
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    out = tempfile.mkdtemp()
+    subprocess.run([sys.executable, "-m", "trainer.evaluate", "--data", data.path,
+                    "--model-dir", model.path, "--split", split, "--output", out], check=True)
+    with open(out + "/metrics.json") as f:
+        result = json.load(f)
+    for name, value in result.get("summary", {}).items():
+        metrics.log_metric(name, float(value))
+    shutil.copy(out + "/metrics.md", report.path)
+    summary = result["summary"]
+    Result = collections.namedtuple("EvaluationResult", ["click_gauc", "click_auc"])
+    return Result(float(summary["click_gauc_by_request"]), float(summary["click_auc"]))
+
+
+@_component
+def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], base_path: str,
+                 model_name: str, exported: dsl.Output[dsl.Model]) -> str:
+    """Exports a new numeric version under base_path/model_name for TF Serving to pick up."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", model.path,
+                           "--data", data.path, "--base-path", base_path,
+                           "--model-name", model_name], check=True, capture_output=True,
+                          text=True)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    version_dir = proc.stdout.strip().splitlines()[-1].split()[-1]
+    exported.uri = version_dir
+    exported.metadata.update({"model_name": model_name, "version_dir": version_dir})
+    return version_dir

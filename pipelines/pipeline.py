@@ -1,0 +1,60 @@
+"""The whole QIN flow as a Kubeflow Pipelines v2 pipeline (also runs on Vertex AI Pipelines):
+
+  acquire raw logs (generate, or ingest canonical / KuaiSAR / JDsearch) -> preprocess (Beam)
+  -> train -> evaluate -> gate on metric thresholds (dsl.If) -> export a new model version
+
+Compile with `python -m pipelines.compile`; run on this machine with `python -m pipelines.run_local`.
+"""
+from kfp import dsl
+
+from pipelines import components
+
+PIPELINE_NAME = "qin-search-ranking"
+# Accelerator for the train step on Vertex AI (ignored by local runs).
+TRAIN_ACCELERATOR = "NVIDIA_TESLA_T4"
+
+
+@dsl.pipeline(name=PIPELINE_NAME,
+              description="QIN personalized search ranking: logs -> TFRecords -> model -> "
+                          "evaluation gate -> TF Serving model version")
+def qin_pipeline(
+    input_format: str = "canonical",
+    input_uri: str = "",
+    users: int = 300,
+    items: int = 1500,
+    requests: int = 6000,
+    lifelong_users: int = 0,
+    seed: int = 7,
+    long_term_length: int = 1000,
+    real_time_length: int = 50,
+    long_term_mode: str = "recent",
+    preprocess_workers: int = 2,
+    model_preset: str = "qin",
+    model_config_json: str = "",
+    epochs: int = 3,
+    batch_size: int = 64,
+    min_click_gauc: float = 0.55,
+    min_click_auc: float = 0.55,
+    model_base_path: str = "models",
+    model_name: str = "qin",
+):
+    raw = components.acquire_raw_logs(
+        input_format=input_format, input_uri=input_uri, users=users, items=items,
+        requests=requests, lifelong_users=lifelong_users, seed=seed)
+    data = components.preprocess(
+        raw_uri=raw.outputs["Output"], input_format=input_format,
+        long_term_length=long_term_length, real_time_length=real_time_length,
+        long_term_mode=long_term_mode, workers=preprocess_workers)
+    trained = components.train(
+        data=data.outputs["data"], model_preset=model_preset, config_json=model_config_json,
+        epochs=epochs, batch_size=batch_size, seed=seed)
+    trained.set_cpu_limit("8").set_memory_limit("32G")
+    trained.set_accelerator_type(TRAIN_ACCELERATOR).set_accelerator_limit(1)
+    trained.set_retry(num_retries=2)  # checkpoints make a retried train step resume
+    evaluation = components.evaluate(
+        data=data.outputs["data"], model=trained.outputs["model"], split="test")
+    with dsl.If(evaluation.outputs["click_gauc"] >= min_click_gauc, name="gauc-gate"):
+        with dsl.If(evaluation.outputs["click_auc"] >= min_click_auc, name="auc-gate"):
+            components.export_model(
+                data=data.outputs["data"], model=trained.outputs["model"],
+                base_path=model_base_path, model_name=model_name)
