@@ -1,0 +1,243 @@
+"""Model configuration: one dataclass, named presets for QIN, its ablations and the baselines.
+
+`preset(name)` returns a `ModelConfig`; `ModelConfig.override(json_or_path)` applies the
+trainer's `--config` on top of it. The config round-trips through `model_config.json`, which
+`trainer.model.load_trained_model` reads back to rebuild the exact architecture.
+
+Model types (what the long-term and real-time parts are; the embeddings, the request/candidate
+towers and the MMOE head are shared by all of them):
+
+* ``qin``      RSU (stage 1 by query relevance, stage 2 by target relevance, both cosine between
+               frozen pretrained content embeddings) -> FAU; real-time unit (self-attention +
+               target attention). Ablation switches: ``use_stage1``, ``use_stage2``,
+               ``use_engagement_weighting``, ``attention_fields``.
+* ``dnn``      no behaviour sequences at all (request + candidate features only).
+* ``din``      DIN activation-unit target attention over the real-time behaviours; no long-term
+               sequence. DIN replaces the real-time unit (it *is* the baseline's sequence model).
+* ``sim_hard`` SIM hard search: GSU keeps the K2 most recent long-term behaviours sharing the
+               target's category (``sim_category_level``), ESU = multi-head target attention.
+* ``sim_soft`` SIM soft search: GSU keeps the top-K2 long-term behaviours by inner product of
+               learned embeddings, ESU = multi-head target attention.
+* ``twin``     TWIN: GSU and ESU share one relevance alpha (inherent-feature attention plus a
+               cross-feature bias), GSU keeps the top-K2, ESU is a softmax over them, 4 heads.
+
+``sim_hard``, ``sim_soft`` and ``twin`` keep K2 behaviours per candidate (the size of the
+``rsu_selected_*`` outputs) and use the same real-time unit as QIN.
+
+Ranking score (``score_formula``):
+
+* ``"product"`` (default): ``score = prod_t p_t ** w_t``; weights from ``score_weights``.
+* ``"sum"``: ``score = sum_t w_t * p_t``.
+
+When ``score_weights`` is empty the first task gets weight 1 and every other task 0.5.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+MODEL_CONFIG_FILE = "model_config.json"
+MODEL_TYPES = ("qin", "dnn", "din", "sim_hard", "sim_soft", "twin")
+ATTENTION_FIELDS = ("both", "id")
+SCORE_FORMULAS = ("product", "sum")
+LONG_TERM_MODEL_TYPES = ("qin", "sim_hard", "sim_soft", "twin")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that defines a ranking model's architecture and loss (not the optimiser)."""
+
+    model_type: str = "qin"
+    # ---- RSU / QIN ablation switches ----
+    use_stage1: bool = True  # False: stage 2 ranks every valid long-term behaviour
+    use_stage2: bool = True  # False: the FAU attends over all K1 stage-1 behaviours
+    use_engagement_weighting: bool = True  # False: g(i) = 1 and the fusion gate is a constant
+    attention_fields: str = "both"  # "id": FAU attention from the ID field only (lambda = 1)
+    k1: int = 100  # stage-1 behaviours kept per request
+    k2: int = 20  # stage-2 behaviours kept per candidate (also the GSU size of SIM/TWIN)
+    relevance_threshold: Optional[float] = None  # eps: stage-1 cosine below it is masked out
+    fusion_lambda: Optional[float] = None  # None: learned; else fixed weight of the ID attention
+    # ---- SIM / TWIN ----
+    sim_category_level: int = -1  # category level matched by SIM hard search (-1 = finest)
+    # ---- sizes ----
+    id_embedding_dim: int = 16
+    hidden_units: int = 64  # width of attention values / interest vectors
+    attention_units: int = 32  # query/key width of the attentions
+    num_heads: int = 4  # real-time self-attention, SIM ESU and TWIN heads
+    use_real_time: bool = True  # real-time unit (or DIN) over the rt_* sequence
+    num_experts: int = 4
+    expert_units: List[int] = dataclasses.field(default_factory=lambda: [64])
+    tower_units: List[int] = dataclasses.field(default_factory=lambda: [32])
+    dropout: float = 0.0
+    l2_regularization: float = 0.0  # on the trainable embedding tables
+    # ---- multi-task loss and score ----
+    task_loss_weights: Dict[str, float] = dataclasses.field(default_factory=dict)  # default 1.0
+    score_formula: str = "product"
+    score_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        def fail(message):
+            raise ValueError(f"invalid model config: {message}")
+
+        if self.model_type not in MODEL_TYPES:
+            fail(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
+        if self.attention_fields not in ATTENTION_FIELDS:
+            fail(f"attention_fields {self.attention_fields!r} is not one of {ATTENTION_FIELDS}")
+        if self.score_formula not in SCORE_FORMULAS:
+            fail(f"score_formula {self.score_formula!r} is not one of {SCORE_FORMULAS}")
+        if self.k1 < 1 or self.k2 < 1:
+            fail(f"k1 and k2 must be >= 1 (got k1={self.k1}, k2={self.k2})")
+        if self.k2 > self.k1:
+            fail(f"k2={self.k2} exceeds k1={self.k1}: stage 2 selects among stage-1 behaviours")
+        if self.fusion_lambda is not None and not 0.0 <= self.fusion_lambda <= 1.0:
+            fail(f"fusion_lambda must be in [0, 1] or null (got {self.fusion_lambda})")
+        if self.relevance_threshold is not None and not -1.0 <= self.relevance_threshold <= 1.0:
+            fail(f"relevance_threshold is a cosine, must be in [-1, 1] "
+                 f"(got {self.relevance_threshold})")
+        for name in ("id_embedding_dim", "hidden_units", "attention_units", "num_heads",
+                     "num_experts"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.attention_units % self.num_heads or self.hidden_units % self.num_heads:
+            fail(f"attention_units ({self.attention_units}) and hidden_units "
+                 f"({self.hidden_units}) must be divisible by num_heads ({self.num_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            fail(f"dropout must be in [0, 1) (got {self.dropout})")
+        for name in ("task_loss_weights", "score_weights"):
+            for task, weight in getattr(self, name).items():
+                if not isinstance(weight, (int, float)) or weight < 0:
+                    fail(f"{name}[{task!r}] must be a non-negative number (got {weight!r})")
+        return self
+
+    def check_tasks(self, tasks) -> None:
+        """Fails fast when loss or score weights name a task the dataset does not have."""
+        for name in ("task_loss_weights", "score_weights"):
+            unknown = sorted(set(getattr(self, name)) - set(tasks))
+            if unknown:
+                raise ValueError(f"{name} names tasks {unknown} that the dataset does not have; "
+                                 f"its tasks are {list(tasks)}")
+
+    def loss_weight(self, task: str) -> float:
+        return float(self.task_loss_weights.get(task, 1.0))
+
+    def score_weight_map(self, tasks) -> Dict[str, float]:
+        """Weights of the fused ranking score per task (see the module docstring)."""
+        if self.score_weights:
+            return {t: float(self.score_weights.get(t, 0.0)) for t in tasks}
+        return {t: (1.0 if i == 0 else 0.5) for i, t in enumerate(tasks)}
+
+    @property
+    def uses_long_term(self) -> bool:
+        return self.model_type in LONG_TERM_MODEL_TYPES
+
+    @property
+    def uses_real_time(self) -> bool:
+        return self.use_real_time and self.model_type != "dnn"
+
+    # ---- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: Dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**raw).validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(_parse_json_object(text, "model config"))
+
+    def override(self, json_or_path: Optional[str]) -> "ModelConfig":
+        """A copy with the fields of a JSON object (string, or path to a .json file) replaced."""
+        if not json_or_path:
+            return self
+        raw = _read_json_argument(json_or_path)
+        merged = self.to_dict()
+        known = set(merged)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        merged.update(raw)
+        return ModelConfig(**merged).validate()
+
+    def save(self, directory: str) -> str:
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(directory)
+        path = os.path.join(directory, MODEL_CONFIG_FILE)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory_or_file: str) -> "ModelConfig":
+        import tensorflow as tf
+
+        path = directory_or_file
+        if not path.endswith(".json"):
+            path = os.path.join(directory_or_file, MODEL_CONFIG_FILE)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"{path} not found: is this a model directory written by "
+                                    f"`python -m trainer.task`?")
+        with tf.io.gfile.GFile(path) as f:
+            return cls.from_json(f.read())
+
+
+def _parse_json_object(text: str, what: str) -> Dict:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _read_json_argument(json_or_path: str) -> Dict:
+    text = json_or_path.strip()
+    if not text.startswith("{"):
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(text):
+            raise ValueError(f"--config {json_or_path!r} is neither a JSON object nor an "
+                             f"existing file")
+        with tf.io.gfile.GFile(text) as f:
+            text = f.read()
+    return _parse_json_object(text, f"config {json_or_path[:60]!r}")
+
+
+_PRESETS = {
+    "qin": dict(model_type="qin"),
+    "qin_no_stage1": dict(model_type="qin", use_stage1=False),
+    "qin_no_stage2": dict(model_type="qin", use_stage2=False),
+    "qin_no_engagement": dict(model_type="qin", use_engagement_weighting=False),
+    "qin_id_only": dict(model_type="qin", attention_fields="id"),
+    "dnn": dict(model_type="dnn", use_real_time=False),
+    "din": dict(model_type="din"),
+    "sim_hard": dict(model_type="sim_hard"),
+    "sim_soft": dict(model_type="sim_soft"),
+    "twin": dict(model_type="twin"),
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str) -> ModelConfig:
+    """The named configuration (see the module docstring); a fresh object on every call."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**_PRESETS[name]).validate()
+
+
+def resolve(name: str, override: Optional[str] = None) -> ModelConfig:
+    """`preset(name)` with the trainer's `--config` JSON (string or file) applied on top."""
+    return preset(name).override(override)

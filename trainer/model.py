@@ -1,0 +1,339 @@
+"""The QIN ranking model and its baselines in one Keras model, selected by `ModelConfig`.
+
+QIN follows Guo et al., "Query-dominant User Interest Network for Large-Scale Search Ranking"
+(CIKM 2023, arXiv 2310.06444) inside the PR2 ranking stage (arXiv 2409.11281):
+
+    request side (once per request)          candidate side (per candidate, independently)
+    -------------------------------          ---------------------------------------------
+    user / profile / query towers            item id, author, categories, content embedding
+    RSU stage 1: top-K1 long-term            RSU stage 2: top-K2 of stage 1 by target cosine
+      behaviours by query cosine             FAU over the K2 -> long-term interest
+    real-time self-attention                 target attention over real-time behaviours
+                                             MMOE head -> p(task) per task, fused score
+
+Input: the dict of `common.features.parse_examples` (request tensors [B, ...], candidate
+tensors [B, N]); labels are ignored by `call` and used by `compute_loss`. Output dict:
+`<task>` probabilities [B, N], `score` [B, N], `rsu_selected_index` int32 [B, N, K2]
+(long-term positions kept for each candidate, ordered by attention weight, -1 where none) and
+`rsu_selected_weight` [B, N, K2] (their attention weights). Values at padded candidate slots
+(beyond `num_candidates`) are finite but meaningless. Only stock TensorFlow ops are used.
+
+Loss (TFRS `Ranking` task per task, reused rather than rewritten): sum over tasks of
+w_t * binary cross-entropy averaged over the valid candidates of the batch, with masked AUC
+metrics `<task>_auc`, so `model.compile(optimizer); model.fit(dataset)` just works.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from common import features as F
+from trainer.config import MODEL_CONFIG_FILE, ModelConfig
+from trainer.layers import masking
+from trainer.layers.embeddings import (CROSS_FEATURE_DIM, FeatureEmbeddings,
+                                       behaviour_cross_features)
+from trainer.layers.mmoe import MMoE
+
+SCORE = "score"
+SELECTED_INDEX = "rsu_selected_index"
+SELECTED_WEIGHT = "rsu_selected_weight"
+FINAL_WEIGHTS_DIR = "final"  # model_dir/final/<prefix>: model.save_weights, TF format
+FINAL_WEIGHTS_PREFIX = "weights"
+_PROB_EPSILON = 1e-7
+
+
+def output_names(tasks):
+    return list(tasks) + [SCORE, SELECTED_INDEX, SELECTED_WEIGHT]
+
+
+def cosine_similarity(a, b, axis=-1):
+    """Cosine along `axis` of broadcastable a and b; 0 when either vector is zero."""
+    return tf.reduce_sum(tf.math.l2_normalize(a, axis=axis, epsilon=1e-12)
+                         * tf.math.l2_normalize(b, axis=axis, epsilon=1e-12), axis=axis)
+
+
+class Behaviours:
+    """The fields of one behaviour sequence, with the validity mask from its explicit length."""
+
+    def __init__(self, features, sequence):
+        def field(name):
+            return features[F.seq_feature(sequence, name)]
+
+        self.item = field(F.SEQ_ITEM)
+        self.author = field(F.SEQ_AUTHOR)
+        self.category = field(F.SEQ_CATEGORY)
+        self.length = tf.shape(self.item)[1]
+        self.mask = masking.length_mask(tf.reshape(field(F.SEQ_LENGTH), [-1]), self.length)
+        self.cross = behaviour_cross_features(field(F.SEQ_ENGAGEMENT), field(F.SEQ_SOURCE),
+                                              field(F.SEQ_TIME_GAP), self.mask)
+        self.engagement = self.cross[..., :F.ENGAGEMENT_DIM]
+
+
+class RankingModel(tfrs.models.Model):
+    """QIN and its baselines: see the module docstring and `trainer.config`."""
+
+    def __init__(self, config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings,
+                 **kwargs):
+        super().__init__(name=kwargs.pop("name", f"{config.model_type}_ranking"), **kwargs)
+        config.validate()
+        config.check_tasks(metadata.tasks)
+        self.config = config
+        self.metadata = metadata
+        self.tasks = list(metadata.tasks)
+        self.score_weights = config.score_weight_map(self.tasks)
+        c = config
+        self.embeddings = FeatureEmbeddings(metadata, item_embeddings, c.id_embedding_dim,
+                                            l2=c.l2_regularization, name="embeddings")
+        self.request_tower = tf.keras.layers.Dense(c.hidden_units, activation="relu",
+                                                   name="request_tower")
+        self.candidate_tower = tf.keras.layers.Dense(c.hidden_units, activation="relu",
+                                                     name="candidate_tower")
+        self.long_term_unit = self._build_long_term_unit() if c.uses_long_term else None
+        self.real_time_unit = self._build_real_time_unit() if c.uses_real_time else None
+        self.head = MMoE(self.tasks, c.num_experts, c.expert_units, c.tower_units, c.dropout,
+                         name="mmoe")
+        self.ranking_tasks = {
+            task: tfrs.tasks.Ranking(
+                loss=tf.keras.losses.BinaryCrossentropy(
+                    from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
+                metrics=[tf.keras.metrics.AUC(from_logits=True, name=f"{task}_auc")],
+                name=f"{task}_task")
+            for task in self.tasks
+        }
+
+    # ---- unit construction -----------------------------------------------------------------
+    def _build_long_term_unit(self):
+        c, e = self.config, self.embeddings
+        if c.model_type == "qin":
+            from trainer.layers.fused_attention import FusedAttentionUnit
+            from trainer.layers.relevance_search import RelevanceSearchUnit
+
+            self.rsu = RelevanceSearchUnit(
+                k1=c.k1, k2=c.k2, threshold=c.relevance_threshold, use_stage1=c.use_stage1,
+                use_stage2=c.use_stage2,
+                precomputed_stage1=self.metadata.long_term_mode == "stage1", name="rsu")
+            return FusedAttentionUnit(
+                hidden_units=c.hidden_units, attention_units=c.attention_units,
+                attention_fields=c.attention_fields, fusion_lambda=c.fusion_lambda,
+                use_engagement_weighting=c.use_engagement_weighting, name="fau")
+        if c.model_type in ("sim_hard", "sim_soft"):
+            from trainer.layers.sim import SimSearchUnit
+
+            return SimSearchUnit(mode=c.model_type[len("sim_"):], k=c.k2,
+                                 hidden_units=c.hidden_units, num_heads=c.num_heads,
+                                 category_level=c.sim_category_level, name="sim")
+        if c.model_type == "twin":
+            from trainer.layers.twin import TwinUnit
+
+            return TwinUnit(k=c.k2, hidden_units=c.hidden_units,
+                            attention_units=c.attention_units, num_heads=c.num_heads, name="twin")
+        raise ValueError(f"model_type {c.model_type!r} has no long-term unit")
+
+    def _build_real_time_unit(self):
+        c = self.config
+        if c.model_type == "din":
+            from trainer.layers.din import DinAttention
+
+            return DinAttention(hidden_units=c.hidden_units, attention_units=c.attention_units,
+                                name="din")
+        from trainer.layers.real_time import RealTimeUnit
+
+        return RealTimeUnit(hidden_units=c.hidden_units, num_heads=c.num_heads,
+                            attention_units=c.attention_units,
+                            max_length=max(self.metadata.real_time_length, 1),
+                            dropout=c.dropout, name="real_time")
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _request_vector(self, features):
+        e = self.embeddings
+        batch = tf.shape(features[F.QUERY_EMBEDDING])[0]
+        user = e.lookup("user", tf.reshape(features[F.USER_INDEX], [-1]))
+        profile = tf.reshape(e.lookup("profile", features[F.USER_PROFILE]),
+                             [batch, F.USER_PROFILE_DIM * e.dim])
+        tokens = features[F.QUERY_TOKENS]
+        token_mask = masking.length_mask(tf.reshape(features[F.QUERY_LENGTH], [-1]),
+                                         tf.shape(tokens)[1])
+        query_tokens = masking.masked_mean(e.lookup("query_token", tokens), token_mask, axis=1)
+        query_embedding = tf.cast(features[F.QUERY_EMBEDDING], tf.float32)
+        return self.request_tower(tf.concat([user, profile, query_tokens, query_embedding], -1))
+
+    def _forward(self, features, training=False):
+        c, e = self.config, self.embeddings
+        cand_item = features[F.CANDIDATE_ITEM]
+        cand_author = features[F.CANDIDATE_AUTHOR]
+        cand_category = features[F.CANDIDATE_CATEGORY]
+        batch, num_cand = tf.shape(cand_item)[0], tf.shape(cand_item)[1]
+        query_embedding = tf.cast(features[F.QUERY_EMBEDDING], tf.float32)
+
+        target_id = e.id_field(cand_item, cand_author)  # [B, N, 2d]
+        target_attr = e.attribute_field(cand_item, cand_category)  # [B, N, LEVELS*d + D]
+        target_content = e.content(cand_item)  # [B, N, D]
+        query_relevance = cosine_similarity(query_embedding[:, tf.newaxis, :], target_content)
+
+        request = self._request_vector(features)  # [B, H]
+        parts = [tf.broadcast_to(request[:, tf.newaxis, :], [batch, num_cand, c.hidden_units]),
+                 self.candidate_tower(tf.concat([target_id, target_attr], -1)),
+                 query_relevance[..., tf.newaxis]]
+
+        selected_index = tf.fill([batch, num_cand, c.k2], tf.constant(-1, tf.int32))
+        selected_weight = tf.zeros([batch, num_cand, c.k2], tf.float32)
+        if self.long_term_unit is not None:
+            long = Behaviours(features, F.LONG_TERM)
+            interest, positions, weights = self._long_term(
+                long, query_embedding, cand_item, cand_category, target_id, target_attr,
+                target_content, training)
+            parts.append(interest)
+            selected_index, selected_weight = self._explanation(positions, weights)
+        if self.real_time_unit is not None:
+            rt = Behaviours(features, F.REAL_TIME)
+            rt_tokens = tf.concat([e.id_field(rt.item, rt.author),
+                                   e.attribute_field(rt.item, rt.category), rt.cross], -1)
+            target = tf.concat([target_id, target_attr], -1)
+            rt_interest, _ = self.real_time_unit(rt_tokens, rt.mask, target, training=training)
+            parts.append(rt_interest)
+
+        logits, _ = self.head(tf.concat(parts, axis=-1), training=training)
+        outputs = {task: tf.sigmoid(logits[task]) for task in self.tasks}
+        outputs[SCORE] = self._score(outputs)
+        outputs[SELECTED_INDEX] = selected_index
+        outputs[SELECTED_WEIGHT] = selected_weight
+        return outputs, logits
+
+    def _long_term(self, long, query_embedding, cand_item, cand_category, target_id,
+                   target_attr, target_content, training):
+        """Long-term interest [B, N, H] plus the positions [B, N, K] and weights [B, N, K] of
+        the behaviours it attended to."""
+        c, e = self.config, self.embeddings
+        if c.model_type == "qin":
+            content = e.content(long.item)  # [B, L, D]
+            stage1_pos, stage1_valid = self.rsu.stage1(query_embedding, content, long.mask)
+            s1 = lambda x: masking.gather_positions(x, stage1_pos)  # noqa: E731
+            stage1_content = s1(content)
+            idx, valid = self.rsu.stage2(target_content, stage1_content, stage1_valid)
+            interest, weights = self.long_term_unit(
+                target_id, target_attr,
+                e.id_field(s1(long.item), s1(long.author)),
+                e.attribute_field(s1(long.item), s1(long.category)),
+                s1(long.engagement), s1(long.cross), idx, valid, training=training)
+            positions = masking.gather_positions(stage1_pos, idx)
+            return interest, tf.where(valid, positions, -1), weights
+        behaviour_id = e.id_field(long.item, long.author)
+        behaviour_attr = e.attribute_field(long.item, long.category)
+        if c.model_type in ("sim_hard", "sim_soft"):
+            return self.long_term_unit(target_id, target_attr, cand_category, behaviour_id,
+                                       behaviour_attr, long.category, long.cross, long.mask,
+                                       training=training)
+        return self.long_term_unit(tf.concat([target_id, target_attr], -1),
+                                   tf.concat([behaviour_id, behaviour_attr], -1), long.cross,
+                                   long.mask, training=training)
+
+    def _explanation(self, positions, weights):
+        """The K2 highest-weighted attended positions, -1 / 0 where there are fewer."""
+        k2 = self.config.k2
+        valid = positions >= 0
+        order, kept = masking.masked_top_k(weights, valid, k2)
+        top_positions = tf.where(kept, tf.gather(positions, order, batch_dims=2), -1)
+        top_weights = tf.where(kept, tf.gather(weights, order, batch_dims=2), 0.0)
+        return (masking.pad_last_dim(tf.cast(top_positions, tf.int32), k2, -1),
+                masking.pad_last_dim(top_weights, k2, 0.0))
+
+    def _score(self, probabilities):
+        weights = self.score_weights
+        if self.config.score_formula == "sum":
+            return tf.add_n([w * probabilities[t] for t, w in weights.items()])
+        logs = [w * tf.math.log(tf.maximum(probabilities[t], _PROB_EPSILON))
+                for t, w in weights.items() if w]
+        if not logs:
+            return tf.ones_like(probabilities[self.tasks[0]])
+        return tf.exp(tf.add_n(logs))
+
+    def call(self, features, training=False):
+        outputs, _ = self._forward(features, training=training)
+        return outputs
+
+    # ---- loss ------------------------------------------------------------------------------
+    def compute_loss(self, features, training=False):
+        missing = [F.label_feature(t) for t in self.tasks if F.label_feature(t) not in features]
+        if missing:
+            raise ValueError(f"batch has no labels {missing}: parse with with_labels=True")
+        _, logits = self._forward(features, training=training)
+        mask = tf.reshape(tf.cast(F.candidate_mask(features), tf.float32), [-1])
+        num_valid = tf.maximum(tf.reduce_sum(mask), 1.0)
+        total = 0.0
+        for task in self.tasks:
+            labels = tf.reshape(tf.cast(features[F.label_feature(task)], tf.float32), [-1, 1])
+            task_loss = self.ranking_tasks[task](
+                labels=labels, predictions=tf.reshape(logits[task], [-1, 1]),
+                sample_weight=mask, training=training)
+            total += self.config.loss_weight(task) * task_loss / num_valid
+        return total
+
+
+def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings
+                ) -> RankingModel:
+    """The ranking model for `config` (a `trainer.config.ModelConfig`) on a dataset described by
+    `metadata`, with `item_embeddings` ([num_items + 1, D]) as its frozen content table. The
+    model's variables are created on its first call (see `dummy_features`)."""
+    return RankingModel(config, metadata, item_embeddings)
+
+
+def dummy_features(metadata: F.DatasetMetadata, batch_size=1, num_candidates=1,
+                   with_labels=False) -> Dict[str, tf.Tensor]:
+    """A well-formed all-padding input batch (used to create the model's variables)."""
+    b, n = batch_size, num_candidates
+    zeros = lambda shape, dtype=tf.int64: tf.zeros(shape, dtype)  # noqa: E731
+    out = {
+        F.REQUEST_ID: tf.fill([b], ""), F.USER_ID: tf.fill([b], ""),
+        F.USER_INDEX: zeros([b]), F.REQUEST_TIME: zeros([b]),
+        F.QUERY_TOKENS: zeros([b, F.MAX_QUERY_TOKENS]), F.QUERY_LENGTH: zeros([b]),
+        F.QUERY_EMBEDDING: zeros([b, metadata.embedding_dim], tf.float32),
+        F.USER_PROFILE: zeros([b, F.USER_PROFILE_DIM]),
+        F.NUM_CANDIDATES: tf.fill([b], tf.constant(n, tf.int64)),
+        F.CANDIDATE_ITEM: zeros([b, n]), F.CANDIDATE_AUTHOR: zeros([b, n]),
+        F.CANDIDATE_CATEGORY: zeros([b, n, F.NUM_CATEGORY_LEVELS]),
+    }
+    for seq, length in ((F.LONG_TERM, metadata.long_term_length),
+                        (F.REAL_TIME, metadata.real_time_length)):
+        out[F.seq_feature(seq, F.SEQ_LENGTH)] = zeros([b])
+        for field in F.SEQ_FIELDS:
+            width = F.SEQ_FIELD_WIDTH[field]
+            dtype = tf.float32 if F.SEQ_FIELD_DTYPE[field] == "float32" else tf.int64
+            shape = [b, length] + ([width] if width > 1 else [])
+            out[F.seq_feature(seq, field)] = zeros(shape, dtype)
+    if with_labels:
+        for task in metadata.tasks:
+            out[F.label_feature(task)] = zeros([b, n], tf.float32)
+    return out
+
+
+def final_weights_path(model_dir: str) -> str:
+    """Where the trainer saves the final weights: `model_dir/final/weights` (TF format)."""
+    return os.path.join(model_dir, FINAL_WEIGHTS_DIR, FINAL_WEIGHTS_PREFIX)
+
+
+def load_trained_model(model_dir: str, data_dir: str, config: Optional[ModelConfig] = None
+                       ) -> RankingModel:
+    """Rebuilds a trained model from `model_dir/model_config.json`, `data_dir/metadata.json` and
+    `data_dir/item_embeddings.npy`, and loads the weights saved under `model_dir/final/`."""
+    config = config or ModelConfig.load(model_dir)
+    metadata = F.DatasetMetadata.load(data_dir)
+    embeddings_path = os.path.join(data_dir, F.ITEM_EMBEDDINGS_FILE)
+    if not tf.io.gfile.exists(embeddings_path):
+        raise FileNotFoundError(f"{embeddings_path} not found: `--data` must be the output "
+                                f"directory of `python -m preprocessing`")
+    with tf.io.gfile.GFile(embeddings_path, "rb") as f:
+        item_embeddings = np.load(f)
+    model = build_model(config, metadata, item_embeddings)
+    model(dummy_features(metadata))  # creates the variables before restoring them
+    final_dir = os.path.join(model_dir, FINAL_WEIGHTS_DIR)
+    checkpoint = tf.train.latest_checkpoint(final_dir) or final_weights_path(model_dir)
+    if not tf.io.gfile.exists(checkpoint + ".index"):
+        raise FileNotFoundError(
+            f"no weights under {final_dir} (expected {final_weights_path(model_dir)}.index, "
+            f"written by `model.save_weights(..., save_format='tf')`): has training finished?")
+    model.load_weights(checkpoint).assert_existing_objects_matched()
+    return model
