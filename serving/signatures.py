@@ -1,0 +1,548 @@
+"""Serving signatures of the ranking model: the one place that defines them.
+
+The export, the tests, the gRPC server and the client all take signature names, input keys and
+output keys from here, and `build_signatures` is the only function that wraps a model into
+serving functions.
+
+Signatures of an exported version
+---------------------------------
+``serving_default`` (predict)
+    input ``inputs``: serialized tf.Example [B], each a request example (see
+    `common.features`) with exactly ONE candidate. Outputs ``<task>`` probabilities [B] for every
+    task and the fused ``score`` [B]. A batch of examples is a batch of independent candidates.
+``classify_<task>`` (tensorflow/serving/classify)
+    input ``inputs`` as above; outputs ``scores`` [B, 2] = (1 - p, p) and ``classes`` [B, 2] =
+    ("0", "1"). Works with TF Serving's Classify and MultiInference, with ExampleList and with
+    ExampleListWithContext (the query and the behaviour sequences once as the context Example,
+    the candidates as the list: the server merges the context into each candidate).
+``regress_<task>``, ``regress_score`` (tensorflow/serving/regress)
+    input ``inputs`` as above; output ``outputs`` [B] (the task probability or the fused score).
+``rank_listwise`` (predict)
+    dense tensors of B requests with N candidates each (see `listwise_input_specs`); the
+    query- and user-side work runs once per request. Outputs ``<task>`` and ``score`` [B, N],
+    ``rsu_selected_index`` int32 [B, N, K2] and ``rsu_selected_weight`` [B, N, K2]. Outputs at
+    padded candidate positions (index >= ``num_candidates``) are meaningless.
+
+All example-input signatures share ONE ``inputs`` placeholder in the exported graph: TF Serving's
+MultiInference requires every task of a request to read the same input tensor.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from common import features as F
+
+# ---- names shared with the server and the client ------------------------------------------
+SERVING_DEFAULT = "serving_default"
+RANK_LISTWISE = "rank_listwise"
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+
+INPUTS = "inputs"  # the serialized-Example input of every example signature
+CLASSIFY_SCORES = "scores"
+CLASSIFY_CLASSES = "classes"
+REGRESS_OUTPUTS = "outputs"
+CLASS_LABELS = (b"0", b"1")  # classify: index 1 is the positive class (the task happened)
+
+SCORE = "score"  # fused ranking score, output of the model and of every signature
+RSU_SELECTED_INDEX = "rsu_selected_index"
+RSU_SELECTED_WEIGHT = "rsu_selected_weight"
+RSU_OUTPUTS = (RSU_SELECTED_INDEX, RSU_SELECTED_WEIGHT)
+
+SERVE_TAG = "serve"
+SAVED_MODEL_FILE = "saved_model.pb"
+FINGERPRINT_FILE = "fingerprint.pb"
+
+
+def classify_signature(task: str) -> str:
+    """Name of the Classify signature of a task, e.g. 'classify_click'."""
+    return f"classify_{task}"
+
+
+def regress_signature(target: str) -> str:
+    """Name of the Regress signature of a task or of the fused score ('regress_score')."""
+    return f"regress_{target}"
+
+
+def regress_targets(tasks: Sequence[str]) -> List[str]:
+    return list(tasks) + [SCORE]
+
+
+def example_signature_names(tasks: Sequence[str]) -> List[str]:
+    """Signatures whose only input is `inputs` (serialized tf.Example, one candidate each)."""
+    return ([SERVING_DEFAULT] + [classify_signature(t) for t in tasks]
+            + [regress_signature(t) for t in regress_targets(tasks)])
+
+
+def signature_names(tasks: Sequence[str]) -> List[str]:
+    """Every signature an exported version has."""
+    return example_signature_names(tasks) + [RANK_LISTWISE]
+
+
+def signature_methods(tasks: Sequence[str]) -> Dict[str, str]:
+    """method_name of every signature (what TF Serving's Classify/Regress check)."""
+    methods = {SERVING_DEFAULT: PREDICT_METHOD, RANK_LISTWISE: PREDICT_METHOD}
+    methods.update({classify_signature(t): CLASSIFY_METHOD for t in tasks})
+    methods.update({regress_signature(t): REGRESS_METHOD for t in regress_targets(tasks)})
+    return methods
+
+
+def predict_output_keys(tasks: Sequence[str], listwise: bool) -> List[str]:
+    """Output keys of serving_default (listwise=False) or rank_listwise (listwise=True)."""
+    keys = list(tasks) + [SCORE]
+    return keys + list(RSU_OUTPUTS) if listwise else keys
+
+
+# ---- listwise inputs ------------------------------------------------------------------------
+REQUEST_INPUTS = (F.QUERY_EMBEDDING, F.QUERY_TOKENS, F.QUERY_LENGTH, F.USER_INDEX, F.USER_PROFILE)
+CANDIDATE_INPUTS = (F.NUM_CANDIDATES,) + F.CANDIDATE_FEATURES
+
+
+def sequence_inputs() -> List[str]:
+    return [F.seq_feature(s, f) for s in F.SEQUENCES for f in (F.SEQ_LENGTH,) + F.SEQ_FIELDS]
+
+
+def listwise_input_names() -> List[str]:
+    return list(REQUEST_INPUTS) + sequence_inputs() + list(CANDIDATE_INPUTS)
+
+
+def listwise_input_shapes(metadata: F.DatasetMetadata) -> Dict[str, Tuple[str, List[Optional[int]]]]:
+    """(dtype, shape) of every rank_listwise input; None = any size.
+
+    B requests (dimension 0), N candidates per request, L behaviours per sequence (at most the
+    dataset's long_term_length / real_time_length are used; longer inputs are truncated, the
+    sequences being most recent first), T query tokens (at most MAX_QUERY_TOKENS used).
+    Every list carries an explicit length (`query_length`, `long_length`, `rt_length`,
+    `num_candidates`): padding values are never read as data.
+    """
+    shapes: Dict[str, Tuple[str, List[Optional[int]]]] = {
+        F.QUERY_EMBEDDING: ("float32", [None, metadata.embedding_dim]),
+        F.QUERY_TOKENS: ("int64", [None, None]),
+        F.QUERY_LENGTH: ("int64", [None]),
+        F.USER_INDEX: ("int64", [None]),
+        F.USER_PROFILE: ("int64", [None, F.USER_PROFILE_DIM]),
+        F.NUM_CANDIDATES: ("int64", [None]),
+        F.CANDIDATE_ITEM: ("int64", [None, None]),
+        F.CANDIDATE_AUTHOR: ("int64", [None, None]),
+        F.CANDIDATE_CATEGORY: ("int64", [None, None, F.NUM_CATEGORY_LEVELS]),
+    }
+    for seq in F.SEQUENCES:
+        shapes[F.seq_feature(seq, F.SEQ_LENGTH)] = ("int64", [None])
+        for field in F.SEQ_FIELDS:
+            width = F.SEQ_FIELD_WIDTH[field]
+            shape = [None, None] + ([width] if width > 1 else [])
+            shapes[F.seq_feature(seq, field)] = (F.SEQ_FIELD_DTYPE[field], shape)
+    return shapes
+
+
+def listwise_input_specs(metadata: F.DatasetMetadata) -> Dict[str, Any]:
+    """tf.TensorSpec of every rank_listwise input, named by its feature name."""
+    import tensorflow as tf
+
+    return {name: tf.TensorSpec(shape, tf.as_dtype(dtype), name=name)
+            for name, (dtype, shape) in listwise_input_shapes(metadata).items()}
+
+
+def listwise_inputs(requests: Sequence[Mapping[str, Any]],
+                    metadata: F.DatasetMetadata) -> Dict[str, np.ndarray]:
+    """Builds the rank_listwise input dict (NumPy, batched and zero-padded) from requests.
+
+    Each request maps feature names to values the way `common.features.make_example` takes
+    them: `query_embedding`, `query_tokens`, `user_index`, `user_profile`, the candidate lists
+    `candidate_item`, `candidate_author`, `candidate_category` ([N, NUM_CATEGORY_LEVELS] or
+    flat) and the sequences per field (`long_item`, `long_engagement` [len, ENGAGEMENT_DIM],
+    ...). Lengths and counts are derived from the lists, so they always agree with the data;
+    sequences longer than the dataset's maximum are cut to it (most recent first).
+    Raises ValueError naming the field when a request is inconsistent.
+    """
+    if not requests:
+        raise ValueError("listwise_inputs needs at least one request")
+    shapes = listwise_input_shapes(metadata)
+    batch = len(requests)
+    max_len = {F.LONG_TERM: metadata.long_term_length, F.REAL_TIME: metadata.real_time_length}
+
+    def flat(request, name, default=()):
+        return np.asarray(request.get(name, default)).reshape(-1)
+
+    n_cands = [flat(r, F.CANDIDATE_ITEM).size for r in requests]
+    n_tokens = [min(flat(r, F.QUERY_TOKENS).size, F.MAX_QUERY_TOKENS) for r in requests]
+    seq_lens = {s: [min(flat(r, F.seq_feature(s, F.SEQ_ITEM)).size, max_len[s])
+                    for r in requests] for s in F.SEQUENCES}
+    out: Dict[str, np.ndarray] = {}
+    n_max, t_max = max(n_cands), max(max(n_tokens), 1)
+    out[F.QUERY_EMBEDDING] = np.zeros([batch, metadata.embedding_dim], np.float32)
+    out[F.QUERY_TOKENS] = np.zeros([batch, t_max], np.int64)
+    out[F.QUERY_LENGTH] = np.asarray(n_tokens, np.int64)
+    out[F.USER_INDEX] = np.zeros([batch], np.int64)
+    out[F.USER_PROFILE] = np.zeros([batch, F.USER_PROFILE_DIM], np.int64)
+    out[F.NUM_CANDIDATES] = np.asarray(n_cands, np.int64)
+    for name in F.CANDIDATE_FEATURES:
+        _, shape = shapes[name]
+        out[name] = np.zeros([batch, n_max] + shape[2:], np.int64)
+    for seq in F.SEQUENCES:
+        out[F.seq_feature(seq, F.SEQ_LENGTH)] = np.asarray(seq_lens[seq], np.int64)
+        width = max(max(seq_lens[seq]), 1)
+        for field in F.SEQ_FIELDS:
+            dtype, shape = shapes[F.seq_feature(seq, field)]
+            out[F.seq_feature(seq, field)] = np.zeros([batch, width] + shape[2:], dtype)
+
+    for b, r in enumerate(requests):
+        emb = flat(r, F.QUERY_EMBEDDING)
+        if emb.size != metadata.embedding_dim:
+            raise ValueError(f"request {b}: {F.QUERY_EMBEDDING} has {emb.size} values, "
+                             f"expected {metadata.embedding_dim}")
+        out[F.QUERY_EMBEDDING][b] = emb
+        out[F.QUERY_TOKENS][b, :n_tokens[b]] = flat(r, F.QUERY_TOKENS)[:n_tokens[b]]
+        out[F.USER_INDEX][b] = int(np.asarray(r.get(F.USER_INDEX, F.OOV_INDEX)).reshape(-1)[0])
+        profile = flat(r, F.USER_PROFILE, [F.OOV_INDEX] * F.USER_PROFILE_DIM)
+        if profile.size != F.USER_PROFILE_DIM:
+            raise ValueError(f"request {b}: {F.USER_PROFILE} has {profile.size} values, "
+                             f"expected {F.USER_PROFILE_DIM}")
+        out[F.USER_PROFILE][b] = profile
+        n = n_cands[b]
+        for name in F.CANDIDATE_FEATURES:
+            values = flat(r, name)
+            per_row = int(np.prod(out[name].shape[2:], dtype=np.int64))
+            if values.size != n * per_row:
+                raise ValueError(f"request {b}: {name} has {values.size} values, "
+                                 f"expected {n * per_row} ({n} candidates)")
+            out[name][b, :n] = values.reshape((n,) + out[name].shape[2:])
+        for seq in F.SEQUENCES:
+            full = flat(r, F.seq_feature(seq, F.SEQ_ITEM)).size
+            length = seq_lens[seq][b]
+            for field in F.SEQ_FIELDS:
+                name = F.seq_feature(seq, field)
+                values = flat(r, name)
+                width = F.SEQ_FIELD_WIDTH[field]
+                if values.size != full * width:
+                    raise ValueError(f"request {b}: {name} has {values.size} values, expected "
+                                     f"{full * width} ({full} behaviours)")
+                rows = values.reshape((full,) + out[name].shape[2:])[:length]
+                out[name][b, :length] = rows
+    return out
+
+
+def request_from_example(example) -> Dict[str, Any]:
+    """The make_example-style mapping of a request tf.train.Example (or its serialized bytes).
+
+    Inverse of `common.features.make_example` for the features the model reads; feeds
+    `listwise_inputs` with requests read from TFRecords (warmup, tests, replay tools).
+    """
+    from tensorflow.core.example import example_pb2
+
+    if isinstance(example, (bytes, bytearray)):
+        example = example_pb2.Example.FromString(bytes(example))
+    feats = example.features.feature
+
+    def values(name):
+        if name not in feats:
+            return []
+        f = feats[name]
+        kind = f.WhichOneof("kind")
+        return list(getattr(f, kind).value) if kind else []
+
+    r: Dict[str, Any] = {}
+    for name in (F.REQUEST_ID, F.USER_ID):
+        v = values(name)
+        r[name] = v[0].decode() if v else ""
+    for name in (F.USER_INDEX, F.REQUEST_TIME):
+        v = values(name)
+        r[name] = int(v[0]) if v else 0
+    r[F.QUERY_TOKENS] = np.asarray(values(F.QUERY_TOKENS), np.int64)
+    r[F.QUERY_EMBEDDING] = np.asarray(values(F.QUERY_EMBEDDING), np.float32)
+    r[F.USER_PROFILE] = np.asarray(values(F.USER_PROFILE) or [F.OOV_INDEX] * F.USER_PROFILE_DIM,
+                                   np.int64)
+    for name in F.CANDIDATE_FEATURES:
+        r[name] = np.asarray(values(name), np.int64)
+    r[F.CANDIDATE_CATEGORY] = r[F.CANDIDATE_CATEGORY].reshape(-1, F.NUM_CATEGORY_LEVELS)
+    for seq in F.SEQUENCES:
+        for field in F.SEQ_FIELDS:
+            name = F.seq_feature(seq, field)
+            arr = np.asarray(values(name), F.SEQ_FIELD_DTYPE[field])
+            width = F.SEQ_FIELD_WIDTH[field]
+            r[name] = arr.reshape(-1, width) if width > 1 else arr
+    return r
+
+
+# ---- per-candidate examples (serving_default, Classify, Regress, ExampleListWithContext) ----
+def split_request_example(example, metadata: F.DatasetMetadata):
+    """Splits a request example into (context Example, [one Example per candidate]).
+
+    The context holds every request-level feature (query, user, behaviour sequences) once;
+    each candidate Example holds `num_candidates` = 1 and that candidate's features. This is
+    the ExampleListWithContext layout of a Classify/Regress/MultiInference request. Labels are
+    not copied.
+    """
+    from tensorflow.core.example import example_pb2
+
+    if isinstance(example, (bytes, bytearray)):
+        example = example_pb2.Example.FromString(bytes(example))
+    feats = example.features.feature
+    context = example_pb2.Example()
+    for name in F.request_feature_names(metadata):
+        if name in feats:
+            context.features.feature[name].CopyFrom(feats[name])
+    items = list(feats[F.CANDIDATE_ITEM].int64_list.value)
+    authors = list(feats[F.CANDIDATE_AUTHOR].int64_list.value)
+    cats = list(feats[F.CANDIDATE_CATEGORY].int64_list.value)
+    levels = F.NUM_CATEGORY_LEVELS
+    if len(authors) != len(items) or len(cats) != len(items) * levels:
+        raise ValueError(f"inconsistent candidate lists: {len(items)} items, {len(authors)} "
+                         f"authors, {len(cats)} category values")
+    candidates = []
+    for k, item in enumerate(items):
+        c = example_pb2.Example()
+        c.features.feature[F.NUM_CANDIDATES].int64_list.value.append(1)
+        c.features.feature[F.CANDIDATE_ITEM].int64_list.value.append(item)
+        c.features.feature[F.CANDIDATE_AUTHOR].int64_list.value.append(authors[k])
+        c.features.feature[F.CANDIDATE_CATEGORY].int64_list.value.extend(
+            cats[k * levels:(k + 1) * levels])
+        candidates.append(c)
+    return context, candidates
+
+
+def merge_context(context, example):
+    """The Example TF Serving feeds for one entry of an ExampleListWithContext.
+
+    TF Serving serializes the context and the example back to back, which protobuf parses as
+    a merge in which the example's features win; this does exactly that.
+    """
+    from tensorflow.core.example import example_pb2
+
+    return example_pb2.Example.FromString(
+        context.SerializeToString() + example.SerializeToString())
+
+
+def per_candidate_examples(example, metadata: F.DatasetMetadata) -> List[bytes]:
+    """Serialized one-candidate examples of a request, in candidate order (serving_default)."""
+    context, candidates = split_request_example(example, metadata)
+    return [merge_context(context, c).SerializeToString() for c in candidates]
+
+
+# ---- building the signatures ----------------------------------------------------------------
+def _pad_or_cut(x, size: int):
+    """Pads (with zeros) or cuts dimension 1 of x to exactly `size`."""
+    import tensorflow as tf
+
+    x = x[:, :size]
+    pad = [[0, 0], [0, size - tf.shape(x)[1]]] + [[0, 0]] * (len(x.shape) - 2)
+    return tf.pad(x, pad)
+
+
+def _model_features(inputs: Mapping[str, Any], metadata: F.DatasetMetadata) -> Dict[str, Any]:
+    """Listwise inputs -> the exact dense dict `parse_examples` gives the model.
+
+    Validates what a dense caller can get wrong: lengths larger than the data they describe,
+    NaN/Inf floats, candidate lists of different widths. Failures are InvalidArgument errors.
+    """
+    import tensorflow as tf
+
+    checks = []
+    feats: Dict[str, Any] = {}
+    batch = tf.shape(inputs[F.QUERY_EMBEDDING])[0]
+    feats[F.QUERY_EMBEDDING] = tf.debugging.check_numerics(
+        inputs[F.QUERY_EMBEDDING], f"{F.QUERY_EMBEDDING} has NaN or Inf")
+    tokens = inputs[F.QUERY_TOKENS]
+    checks.append(tf.debugging.assert_less_equal(
+        inputs[F.QUERY_LENGTH], tf.cast(tf.shape(tokens)[1], tf.int64),
+        message=f"{F.QUERY_LENGTH} exceeds the width of {F.QUERY_TOKENS}"))
+    feats[F.QUERY_TOKENS] = _pad_or_cut(tokens, F.MAX_QUERY_TOKENS)
+    feats[F.QUERY_LENGTH] = tf.minimum(inputs[F.QUERY_LENGTH], F.MAX_QUERY_TOKENS)
+    feats[F.USER_INDEX] = inputs[F.USER_INDEX]
+    feats[F.USER_PROFILE] = inputs[F.USER_PROFILE]
+    n = tf.shape(inputs[F.CANDIDATE_ITEM])[1]
+    checks.append(tf.debugging.assert_less_equal(
+        inputs[F.NUM_CANDIDATES], tf.cast(n, tf.int64),
+        message=f"{F.NUM_CANDIDATES} exceeds the width of {F.CANDIDATE_ITEM}"))
+    for name in (F.CANDIDATE_AUTHOR, F.CANDIDATE_CATEGORY):
+        checks.append(tf.debugging.assert_equal(
+            tf.shape(inputs[name])[:2], tf.shape(inputs[F.CANDIDATE_ITEM]),
+            message=f"{name} and {F.CANDIDATE_ITEM} have different [B, N]"))
+    feats[F.NUM_CANDIDATES] = inputs[F.NUM_CANDIDATES]
+    for name in F.CANDIDATE_FEATURES:
+        feats[name] = inputs[name]
+    for seq, max_len in ((F.LONG_TERM, metadata.long_term_length),
+                         (F.REAL_TIME, metadata.real_time_length)):
+        length = inputs[F.seq_feature(seq, F.SEQ_LENGTH)]
+        item = inputs[F.seq_feature(seq, F.SEQ_ITEM)]
+        checks.append(tf.debugging.assert_less_equal(
+            length, tf.cast(tf.shape(item)[1], tf.int64),
+            message=f"{F.seq_feature(seq, F.SEQ_LENGTH)} exceeds the width of "
+                    f"{F.seq_feature(seq, F.SEQ_ITEM)}"))
+        feats[F.seq_feature(seq, F.SEQ_LENGTH)] = tf.minimum(length, max_len)
+        for field in F.SEQ_FIELDS:
+            name = F.seq_feature(seq, field)
+            value = inputs[name]
+            if field != F.SEQ_ITEM:
+                checks.append(tf.debugging.assert_equal(
+                    tf.shape(value)[:2], tf.shape(item),
+                    message=f"{name} and {F.seq_feature(seq, F.SEQ_ITEM)} have different [B, L]"))
+            if value.dtype == tf.float32:
+                value = tf.debugging.check_numerics(value, f"{name} has NaN or Inf")
+            feats[name] = _pad_or_cut(value, max_len)
+    # Grouping-only features: present so the dict matches parse_examples exactly.
+    feats[F.REQUEST_ID] = tf.fill([batch], "")
+    feats[F.USER_ID] = tf.fill([batch], "")
+    feats[F.REQUEST_TIME] = tf.zeros([batch], tf.int64)
+    with tf.control_dependencies(checks):
+        return {k: tf.identity(v) for k, v in feats.items()}
+
+
+def _call_model(model, features, metadata: F.DatasetMetadata) -> Dict[str, Any]:
+    import tensorflow as tf
+
+    outputs = model(features, training=False)
+    if not isinstance(outputs, Mapping):
+        raise TypeError(f"the model must return a dict of outputs, got {type(outputs).__name__}")
+    missing = [k for k in predict_output_keys(metadata.tasks, listwise=True) if k not in outputs]
+    if missing:
+        raise ValueError(f"the model's outputs lack {missing} (docs/ARCHITECTURE.md section 3 "
+                         f"lists the output dict); it returned {sorted(outputs)}")
+    result = {k: tf.cast(outputs[k], tf.float32) for k in list(metadata.tasks) + [SCORE]}
+    result[RSU_SELECTED_INDEX] = tf.cast(outputs[RSU_SELECTED_INDEX], tf.int32)
+    result[RSU_SELECTED_WEIGHT] = tf.cast(outputs[RSU_SELECTED_WEIGHT], tf.float32)
+    return result
+
+
+def build_signatures(model, metadata: F.DatasetMetadata) -> Dict[str, Any]:
+    """Concrete functions of every serving signature of `model`, keyed by signature name.
+
+    `model` takes the dict of `common.features.parse_examples` and returns the output dict of
+    docs/ARCHITECTURE.md section 3. Pass the result as `signatures=` to tf.saved_model.save,
+    then call `make_tf_serving_conformant` on the directory (or use `save_servable`).
+    """
+    import tensorflow as tf
+
+    tasks = list(metadata.tasks)
+
+    def per_candidate(serialized):
+        parsed = F.parse_examples(serialized, metadata, with_labels=False)
+        one = tf.debugging.assert_equal(
+            parsed[F.NUM_CANDIDATES], tf.ones_like(parsed[F.NUM_CANDIDATES]),
+            message="each tf.Example of an example signature must hold exactly one candidate "
+                    "(num_candidates = 1); score whole lists with rank_listwise or an "
+                    "ExampleListWithContext")
+        with tf.control_dependencies([one]):
+            parsed = {k: tf.identity(v) for k, v in parsed.items()}
+        out = _call_model(model, parsed, metadata)
+        return {k: out[k][:, 0] for k in tasks + [SCORE]}
+
+    examples_spec = tf.TensorSpec([None], tf.string, name=INPUTS)
+
+    @tf.function(input_signature=[examples_spec])
+    def serving_default(inputs):
+        return per_candidate(inputs)
+
+    signatures = {SERVING_DEFAULT: serving_default.get_concrete_function()}
+
+    def classify_fn(task):
+        @tf.function(input_signature=[examples_spec])
+        def classify(inputs):
+            p = per_candidate(inputs)[task]
+            scores = tf.stack([1.0 - p, p], axis=1)
+            classes = tf.tile(tf.constant([list(CLASS_LABELS)]), [tf.shape(p)[0], 1])
+            return {CLASSIFY_SCORES: scores, CLASSIFY_CLASSES: classes}
+        return classify.get_concrete_function()
+
+    def regress_fn(target):
+        @tf.function(input_signature=[examples_spec])
+        def regress(inputs):
+            return {REGRESS_OUTPUTS: per_candidate(inputs)[target]}
+        return regress.get_concrete_function()
+
+    for task in tasks:
+        signatures[classify_signature(task)] = classify_fn(task)
+    for target in regress_targets(tasks):
+        signatures[regress_signature(target)] = regress_fn(target)
+
+    specs = listwise_input_specs(metadata)
+
+    @tf.function(input_signature=[specs])
+    def rank_listwise(inputs):
+        return _call_model(model, _model_features(inputs, metadata), metadata)
+
+    signatures[RANK_LISTWISE] = rank_listwise.get_concrete_function()
+    return signatures
+
+
+def make_tf_serving_conformant(export_dir: str, tasks: Sequence[str]) -> None:
+    """Rewrites the saved MetaGraph so that stock TF Serving accepts every signature.
+
+    tf.saved_model.save marks every signature as predict and gives each its own input
+    placeholder. TF Serving's Classify/Regress check the method name, and MultiInference
+    requires all its tasks to read one input tensor. This sets the method names of the
+    classify_/regress_ signatures and points every example signature at the `inputs`
+    placeholder of serving_default (all of them take the same serialized Examples), then
+    recomputes the SavedModel fingerprint. Raises ValueError when a signature does not
+    conform afterwards.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(export_dir, SAVED_MODEL_FILE)
+    saved = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        saved.ParseFromString(f.read())
+    methods = signature_methods(tasks)
+    for meta_graph in saved.meta_graphs:
+        sigs = meta_graph.signature_def
+        missing = sorted(set(methods) - set(sigs))
+        if missing:
+            raise ValueError(f"{export_dir} lacks signatures {missing}")
+        shared = sigs[SERVING_DEFAULT].inputs[INPUTS].name
+        shared_node = shared.split(":")[0]
+        renamed = {}
+        for name in example_signature_names(tasks):
+            own = sigs[name].inputs[INPUTS].name
+            if own != shared:
+                renamed[own.split(":")[0]] = shared_node
+                sigs[name].inputs[INPUTS].name = shared
+        for node in meta_graph.graph_def.node:
+            for k, inp in enumerate(node.input):
+                if inp.split(":")[0] in renamed:
+                    node.input[k] = inp.replace(inp.split(":")[0], renamed[inp.split(":")[0]], 1)
+        kept = [n for n in meta_graph.graph_def.node if n.name not in renamed]
+        del meta_graph.graph_def.node[:]
+        meta_graph.graph_def.node.extend(kept)
+        for name, method in methods.items():
+            sigs[name].method_name = method
+            if not tf.compat.v1.saved_model.is_valid_signature(sigs[name]):
+                raise ValueError(f"signature {name!r} does not conform to {method}: "
+                                 f"{sigs[name]}")
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(saved.SerializeToString())
+    _rewrite_fingerprint(export_dir)
+
+
+def _rewrite_fingerprint(export_dir: str) -> None:
+    """fingerprint.pb hashes saved_model.pb; keep it true after the rewrite."""
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+    except ImportError:  # pragma: no cover - older TF without fingerprints
+        return
+    data = fingerprinting.CreateFingerprintDef(export_dir)
+    with tf.io.gfile.GFile(os.path.join(export_dir, FINGERPRINT_FILE), "wb") as f:
+        f.write(data)
+
+
+def save_servable(model, metadata: F.DatasetMetadata, export_dir: str) -> Dict[str, Any]:
+    """Saves `model` with every serving signature to `export_dir` (which must not exist).
+
+    Only the model's variables are tracked (no Keras layer metadata), so the SavedModel holds
+    plain TF functions over stock ops. Returns the in-process concrete functions, which give
+    the reference outputs the reloaded model must reproduce.
+    """
+    import tensorflow as tf
+
+    signatures = build_signatures(model, metadata)
+    root = tf.Module()
+    root.model_variables = list(model.variables)
+    tf.saved_model.save(root, export_dir, signatures=signatures)
+    make_tf_serving_conformant(export_dir, metadata.tasks)
+    return signatures
