@@ -24,7 +24,6 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.batching import BatchingOptions, parse_batching_parameters
-BO = BatchingOptions
 from serving.server import ModelServer, ServerOptions
 from tests.serving_toy_model import (WEIGHTS, example, export_toy_model, predict_request,
                                      warmup_log)
@@ -376,13 +375,13 @@ def test_batching_parameters_text_format():
     params = parse_batching_parameters(
         "max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\n"
         "num_batch_threads { value: 2 }\nallowed_batch_sizes: 4\nallowed_batch_sizes: 8\n")
-    options = BO.from_proto(params)
+    options = BatchingOptions.from_proto(params)
     assert (options.max_batch_size, options.batch_timeout_micros, options.num_batch_threads,
             options.allowed_batch_sizes) == (8, 1000, 2, [4, 8])
     with pytest.raises(ValueError, match="max_batch_sizes"):
         parse_batching_parameters("max_batch_sizes { value: 8 }")
     with pytest.raises(ValueError, match="allowed_batch_sizes"):
-        BO(max_batch_size=8, allowed_batch_sizes=[4, 6])
+        BatchingOptions(max_batch_size=8, allowed_batch_sizes=[4, 6])
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path, base_path):
