@@ -70,7 +70,6 @@ class Behaviours:
         self.mask = masking.length_mask(tf.reshape(field(F.SEQ_LENGTH), [-1]), self.length)
         self.cross = behaviour_cross_features(field(F.SEQ_ENGAGEMENT), field(F.SEQ_SOURCE),
                                               field(F.SEQ_TIME_GAP), self.mask)
-        self.engagement = self.cross[..., :F.ENGAGEMENT_DIM]
 
 
 class RankingModel(tfrs.models.Model):
@@ -218,7 +217,7 @@ class RankingModel(tfrs.models.Model):
                 target_id, target_attr,
                 e.id_field(s1(long.item), s1(long.author)),
                 e.attribute_field(s1(long.item), s1(long.category)),
-                s1(long.engagement), s1(long.cross), idx, valid, training=training)
+                s1(long.cross), idx, valid, training=training)
             positions = masking.gather_positions(stage1_pos, idx)
             return interest, tf.where(valid, positions, -1), weights
         behaviour_id = e.id_field(long.item, long.author)

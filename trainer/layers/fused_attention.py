@@ -1,0 +1,103 @@
+"""Fused Attention Unit (FAU) of QIN.
+
+Follows Guo et al., "Query-dominant User Interest Network for Large-Scale Search Ranking"
+(CIKM 2023, arXiv 2310.06444): attention over the RSU's selection computed separately for the
+ID field (item id + author id embeddings) and the attribute/content field (category
+embeddings + pretrained content embedding), fused, with behaviours weighted by engagement depth
+and each behaviour's ID and content representations fused adaptively by its engagement. The
+paper does not publish the formulas; this is the project's reading:
+
+    a_id(i)   = softmax_{i in S2} <Wq x_target_id,   Wk x_i_id>   / sqrt(d)
+    a_attr(i) = softmax_{i in S2} <Uq x_target_attr, Uk x_i_attr> / sqrt(d)
+    g(i)      = 2 * sigmoid(MLP(engagement_i, source_i, time gap_i))   (1 at initialisation)
+    gate_i    = sigmoid(w . engagement features_i + b)
+    h_i       = gate_i * P_id x_i_id + (1 - gate_i) * P_attr x_i_attr
+    w_i       = g(i) * (lambda * a_id(i) + (1 - lambda) * a_attr(i)),  renormalised over S2
+    u_long    = sum_i w_i h_i
+
+lambda is learned (sigmoid of a scalar) unless fixed by config; `attention_fields="id"` fixes
+it to 1 (single-field ablation); without engagement weighting g = 1 and the gate is a learned
+constant. With no valid behaviour every weight is 0 and u_long is the zero vector.
+
+Behaviour-side projections (keys, values, g, gate) are computed once per request on the
+stage-1 set and gathered per candidate.
+"""
+import tensorflow as tf
+
+from trainer.layers import masking
+
+
+class FusedAttentionUnit(tf.keras.layers.Layer):
+    """call(target_id [B,N,Fi], target_attr [B,N,Fa], behaviour_id [B,S,Fi],
+    behaviour_attr [B,S,Fa], cross [B,S,C] (engagement, source, time gap), indices [B,N,K] into S,
+    valid [B,N,K]) -> (u_long [B,N,H], weights [B,N,K])."""
+
+    def __init__(self, hidden_units=64, attention_units=32, attention_fields="both",
+                 fusion_lambda=None, use_engagement_weighting=True, **kwargs):
+        super().__init__(**kwargs)
+        if attention_fields not in ("both", "id"):
+            raise ValueError(f"attention_fields must be 'both' or 'id', got {attention_fields!r}")
+        self.hidden_units, self.attention_units = hidden_units, attention_units
+        self.attention_fields = attention_fields
+        self.fusion_lambda = 1.0 if attention_fields == "id" else fusion_lambda
+        self.use_engagement_weighting = use_engagement_weighting
+        dense = tf.keras.layers.Dense
+        self.query_id = dense(attention_units, use_bias=False, name="query_id")
+        self.key_id = dense(attention_units, use_bias=False, name="key_id")
+        if attention_fields == "both":
+            self.query_attr = dense(attention_units, use_bias=False, name="query_attr")
+            self.key_attr = dense(attention_units, use_bias=False, name="key_attr")
+        self.value_id = dense(hidden_units, name="value_id")
+        self.value_attr = dense(hidden_units, name="value_attr")
+        if use_engagement_weighting:
+            self.depth_hidden = dense(16, activation="relu", name="engagement_depth_hidden")
+            self.depth_out = dense(1, name="engagement_depth")
+            self.fusion_gate = dense(1, name="fusion_gate")
+
+    def build(self, input_shape):
+        if self.fusion_lambda is None:
+            self.lambda_logit = self.add_weight(name="lambda_logit", shape=(),
+                                                initializer="zeros")
+        if not self.use_engagement_weighting:
+            self.constant_gate_logit = self.add_weight(name="constant_gate_logit", shape=(),
+                                                       initializer="zeros")
+        super().build(input_shape)
+
+    def _field_attention(self, query_layer, key_layer, target, behaviours, indices, valid):
+        query = query_layer(target)  # [B, N, A]
+        keys = masking.gather_positions(key_layer(behaviours), indices)  # [B, N, K, A]
+        logits = tf.einsum("bna,bnka->bnk", query, keys) / (self.attention_units ** 0.5)
+        return masking.masked_softmax(logits, valid)
+
+    def fusion_weight(self):
+        if self.fusion_lambda is not None:
+            return tf.constant(float(self.fusion_lambda))
+        return tf.sigmoid(self.lambda_logit)
+
+    def call(self, target_id, target_attr, behaviour_id, behaviour_attr, cross, indices, valid,
+             training=None):
+        a_id = self._field_attention(self.query_id, self.key_id, target_id, behaviour_id,
+                                     indices, valid)
+        if self.attention_fields == "both":
+            a_attr = self._field_attention(self.query_attr, self.key_attr, target_attr,
+                                           behaviour_attr, indices, valid)
+            lam = self.fusion_weight()
+            mixed = lam * a_id + (1.0 - lam) * a_attr
+        else:
+            mixed = a_id
+        if self.use_engagement_weighting:
+            depth = 2.0 * tf.sigmoid(self.depth_out(self.depth_hidden(cross)))  # [B, S, 1]
+            gate = tf.sigmoid(self.fusion_gate(cross))  # [B, S, 1]
+            mixed = mixed * tf.squeeze(masking.gather_positions(depth, indices), -1)
+        else:
+            gate = tf.sigmoid(self.constant_gate_logit)
+        fused = gate * self.value_id(behaviour_id) + (1.0 - gate) * self.value_attr(behaviour_attr)
+        weights = masking.normalize_weights(mixed, valid)  # [B, N, K]
+        values = masking.gather_positions(fused, indices)  # [B, N, K, H]
+        return tf.einsum("bnk,bnkh->bnh", weights, values), weights
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_units": self.hidden_units,
+                "attention_units": self.attention_units,
+                "attention_fields": self.attention_fields, "fusion_lambda": self.fusion_lambda,
+                "use_engagement_weighting": self.use_engagement_weighting}
