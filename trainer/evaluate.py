@@ -41,22 +41,29 @@ def fused_score(probabilities: Dict[str, np.ndarray], config, tasks) -> np.ndarr
     return score
 
 
-def predict_flat(model, dataset, metadata: F.DatasetMetadata, max_batches: Optional[int] = None,
-                 progress_every: int = 0) -> Dict[str, np.ndarray]:
-    """Runs `model` over a dataset of parsed feature dicts; returns one row per real candidate.
-
-    Keys: request_id, user_id (bytes), label_<task>, pred_<task>, score, and prob_<task> when the
-    data has true probabilities.
-    """
+def make_infer_fn(model, tasks):
+    """A tf.function returning the float32 task probabilities and score of `model`."""
     import tensorflow as tf
 
-    tasks = list(metadata.tasks)
+    tasks = list(tasks)
 
     @tf.function(reduce_retracing=True)
     def infer(features):
         outputs = model(features, training=False)
         return {k: tf.cast(outputs[k], tf.float32) for k in tasks + ["score"]}
 
+    return infer
+
+
+def predict_flat(model, dataset, metadata: F.DatasetMetadata, max_batches: Optional[int] = None,
+                 progress_every: int = 0, infer=None) -> Dict[str, np.ndarray]:
+    """Runs `model` over a dataset of parsed feature dicts; returns one row per real candidate.
+
+    Keys: request_id, user_id (bytes), label_<task>, pred_<task>, score, and prob_<task> when the
+    data has true probabilities.
+    """
+    tasks = list(metadata.tasks)
+    infer = infer or make_infer_fn(model, tasks)
     columns: Dict[str, list] = {}
     start = time.time()
     for step, batch in enumerate(dataset):

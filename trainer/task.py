@@ -125,6 +125,9 @@ def install_train_step(model) -> None:
     import tensorflow as tf
 
     loss_scale_type = tf.keras.mixed_precision.LossScaleOptimizer
+    with model.distribute_strategy.scope():
+        # a tracked metric: fit() resets it at every epoch start
+        model.epoch_loss = tf.keras.metrics.Mean(name="epoch_loss")
 
     def train_step(inputs):
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
@@ -140,8 +143,10 @@ def install_train_step(model) -> None:
         if isinstance(model.optimizer, loss_scale_type):
             gradients = model.optimizer.get_unscaled_gradients(gradients)
         model.optimizer.apply_gradients(zip(gradients, variables))
+        model.epoch_loss.update_state(total)
         logs = {m.name: m.result() for m in model.metrics}
-        logs.update(loss=loss, regularization_loss=regularization, total_loss=total)
+        logs.update(batch_loss=loss, regularization_loss=regularization)
+        logs["loss"] = model.epoch_loss.result()  # mean over the epoch so far
         return logs
 
     model.train_step = train_step
@@ -172,6 +177,7 @@ class EvalGaucCallback(_callbacks_base()):
         self.write_state = write_state
         self.state = load_eval_state(state_path)
         self._writer = None
+        self._infer = None
 
     def on_epoch_begin(self, epoch, logs=None):
         # a resumed epoch replaces whatever a killed run recorded for it
@@ -181,11 +187,13 @@ class EvalGaucCallback(_callbacks_base()):
         import tensorflow as tf
 
         from trainer import metrics as M
-        from trainer.evaluate import predict_flat
+        from trainer.evaluate import make_infer_fn, predict_flat
 
         start = time.time()
+        if self._infer is None:
+            self._infer = make_infer_fn(self.model, self.metadata.tasks)
         flat = predict_flat(self.model, self.make_eval_dataset(), self.metadata,
-                            max_batches=self.max_batches)
+                            max_batches=self.max_batches, infer=self._infer)
         task = self.metadata.tasks[0]
         gauc = M.grouped_auc(flat[f"label_{task}"], flat[f"pred_{task}"], flat["request_id"])
         auc = M.auc(flat[f"label_{task}"], flat[f"pred_{task}"])
@@ -241,6 +249,7 @@ class ProgressLogger(_callbacks_base()):
         self._t, self._last_step = time.time(), self.start_step
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.on_epoch_begin_reset()
         if self.start_epoch is None:
             self.start_epoch = epoch
             if self.start_step:
@@ -260,7 +269,7 @@ class ProgressLogger(_callbacks_base()):
                         self.steps_per_epoch, float((logs or {}).get("loss", float("nan"))),
                         rate)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_begin_reset(self):
         self._t, self._last_step = time.time(), int(self.model.optimizer.iterations.numpy())
 
 
