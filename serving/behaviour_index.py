@@ -23,7 +23,8 @@ Backends (chosen per user by history length, behind one interface):
 * exact: brute-force NumPy over all rows. Used for histories shorter than
   `Stage1Config.scann_min_history`; ScaNN gains nothing there and exact is the training truth.
 * scann: a ScaNN tree + asymmetric-hashing index over the distinct items of a "base" of rows
-  (see `ScannBase`: duplicates stay exact ties broken by recency), plus a small exact
+  (see `ScannBase`: duplicates stay exact ties broken by recency; a long history of few
+  distinct items is scored exactly per item instead), plus a small exact
   "delta" buffer of rows appended since the base was built. A query searches the base with
   ScaNN (over-fetching to survive the point-in-time filter), scores the delta exactly, and
   merges both with the exact tie rule. When the delta grows past `delta_rebuild_size` the base
@@ -62,7 +63,8 @@ class Stage1Config:
     """Settings of the stage-1 index. The defaults are the ones measured in docs/LIFELONG.md."""
 
     # Histories shorter than this are searched exactly (NumPy): ScaNN's gain is small there and
-    # exact search is what training sees.
+    # exact search is what training sees. Longer ones get a base index over their distinct items,
+    # searched by ScaNN when it holds at least this many distinct items, exactly otherwise.
     scann_min_history: int = 10_000
     # Rebuild a ScaNN base when its exact delta buffer holds more rows than
     # max(delta_rebuild_size, delta_rebuild_fraction * base rows).
@@ -462,7 +464,7 @@ class Stage1Searcher:
         return _result(snap, rows[chosen], scores[chosen], visible, "exact")
 
     def _scann_top_k(self, snap, query, k, visible, threshold) -> Stage1Result:
-        self.counters["scann_searches"] += 1
+        self.counters[f"{snap.base.backend}_base_searches"] += 1
         base_visible = min(visible, snap.base_size)
         hidden = snap.base_size - base_visible
         base_rows = snap.base.candidate_rows(query, k + hidden, self.config)
@@ -472,48 +474,64 @@ class Stage1Searcher:
         # Exact re-scoring of the few candidates: same scores, threshold and ties as exact.
         scores = snap.embeddings[rows] @ query
         chosen = select_top_k(scores, rows, k, threshold)
-        return _result(snap, rows[chosen], scores[chosen], visible, "scann")
+        return _result(snap, rows[chosen], scores[chosen], visible, snap.base.backend)
 
 
 class ScannBase:
-    """ScaNN index over the DISTINCT items of a user's first `rows` behaviours.
+    """Index over the DISTINCT items of a user's first `rows` behaviours.
 
     Indexing distinct items rather than behaviours makes ties exact: re-watched items (same
     vector, same cosine) are one point, and a hit expands to all of that item's behaviours, so
     the recency tie rule sees every copy. It also shrinks the index for users who re-watch.
     Behaviours of one item are kept as CSR arrays: rows_by_item[starts[j]:starts[j]+counts[j]].
+
+    With at least `scann_min_history` distinct items the points are searched by ScaNN; with
+    fewer (long histories of re-watched items) they are scored exactly with NumPy, which is
+    then both cheaper than scoring every behaviour and exact (`searcher` is None).
     """
 
     # Below this many distinct items, ScaNN's k-means has too little to partition.
     MIN_DISTINCT_ITEMS = 64
 
-    def __init__(self, searcher, num_leaves, rows_by_item, starts, counts, rows):
-        self.searcher, self.num_leaves = searcher, num_leaves
+    def __init__(self, searcher, num_leaves, vectors, rows_by_item, starts, counts, rows):
+        self.searcher, self.num_leaves, self.vectors = searcher, num_leaves, vectors
         self.rows_by_item, self.starts, self.counts, self.rows = rows_by_item, starts, counts, rows
 
     @property
     def num_points(self) -> int:
         return int(self.starts.shape[0])
 
+    @property
+    def backend(self) -> str:
+        return "exact" if self.searcher is None else "scann"
+
     @classmethod
     def build(cls, items: np.ndarray, unit_table: np.ndarray, config: Stage1Config) -> "ScannBase":
         rows_by_item = np.argsort(items, kind="stable").astype(np.int64)
         distinct, starts, counts = np.unique(items[rows_by_item], return_index=True,
                                              return_counts=True)
-        if distinct.shape[0] < cls.MIN_DISTINCT_ITEMS:
-            raise ValueError(f"only {distinct.shape[0]} distinct items")
         data = np.ascontiguousarray(unit_table[distinct])
-        searcher, leaves = build_scann(data, config)
-        return cls(searcher, leaves, rows_by_item, starts.astype(np.int64),
+        if distinct.shape[0] < max(config.scann_min_history, cls.MIN_DISTINCT_ITEMS):
+            searcher, leaves, vectors = None, 0, data
+        else:
+            (searcher, leaves), vectors = build_scann(data, config), None
+        return cls(searcher, leaves, vectors, rows_by_item, starts.astype(np.int64),
                    counts.astype(np.int64), int(items.shape[0]))
 
     def candidate_rows(self, query: np.ndarray, min_rows: int, config: Stage1Config) -> np.ndarray:
         """Behaviour rows of the best distinct items, at least `min_rows` of them when the index
         holds that many (each item found brings all of its behaviours)."""
         fetch = int(min(self.num_points, max(1, min_rows)))
-        hits, _ = self.searcher.search(query, fetch, max(fetch, config.reorder(fetch)),
-                                       config.leaves_to_search(self.num_leaves))
-        hits = hits.astype(np.int64)
+        if self.searcher is not None:
+            hits, _ = self.searcher.search(query, fetch, max(fetch, config.reorder(fetch)),
+                                           config.leaves_to_search(self.num_leaves))
+            hits = hits.astype(np.int64)
+        elif fetch >= self.num_points:
+            hits = np.arange(self.num_points)
+        else:  # exact: every item scoring at least the fetch-th best (boundary ties included)
+            scores = self.vectors @ query
+            kth = scores[np.argpartition(-scores, fetch - 1)[fetch - 1]]
+            hits = np.flatnonzero(scores >= kth)
         counts = self.counts[hits]
         total = int(counts.sum())
         # Vectorised concatenation of rows_by_item[starts[h]:starts[h] + counts[h]] for each hit.
@@ -525,10 +543,13 @@ class ScannBase:
         import os
         import tempfile
 
+        mapping = self.rows_by_item.nbytes + self.starts.nbytes + self.counts.nbytes
+        if self.searcher is None:
+            return mapping + self.vectors.nbytes
         with tempfile.TemporaryDirectory() as tmp:
             self.searcher.serialize(tmp, False)
             scann = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
-        return scann + self.rows_by_item.nbytes + self.starts.nbytes + self.counts.nbytes
+        return scann + mapping
 
 
 def build_scann(data: np.ndarray, config: Stage1Config):

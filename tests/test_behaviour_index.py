@@ -233,6 +233,10 @@ def test_duplicate_behaviours_keep_the_most_recent_and_scann_survives_them(data)
         got = searcher.top_k("u", table[3], 5)
         np.testing.assert_array_equal(got.rows, reference_top_k(table, items, times, table[3], 5))
         assert set(got.item_indices.tolist()) == {3}, "all five copies of the best item"
+        assert got.backend == "exact", "6 distinct items are scored exactly, never by ScaNN"
+        if config.scann_min_history <= 3000:
+            assert searcher.user_stats("u")["base_rows"] == 3000
+            assert searcher.user_stats("u")["distinct_items_indexed"] == 6
         assert got.rows.tolist() == [2996, 2990, 2984, 2978, 2972]
 
 
