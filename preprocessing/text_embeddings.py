@@ -1,0 +1,291 @@
+"""A shared query/item embedding space learned from search clicks over anonymised token ids.
+
+KuaiSAR and JDsearch ship no pretrained embeddings: queries, captions and product names are
+lists of anonymised token ids. QIN's relevance search unit needs queries and items in one space
+(cosine of query and behaviour in stage 1, of target item and behaviour in stage 2), so the
+pipeline builds that space once, before the ranker, and freezes it (the ranker never trains it).
+
+Model: a text two-tower trained with an in-batch softmax on (query tokens, clicked item tokens)
+pairs, the loss being `tfrs.tasks.Retrieval` (sampled softmax over the other items of the batch,
+clicks of the same item in one batch are not treated as negatives). Both towers are the same
+function over ONE shared token table:
+
+    encode(tokens) = L2-normalise( mean of table[t] over the known tokens t )
+
+Why this shape and not a deeper tower per side:
+* the serving client encodes a query it has never seen with the query vocabulary alone
+  (docs/ARCHITECTURE.md: query embedding = L2-normalised mean of its token embeddings), so the
+  query tower must be exactly that function of the exported table;
+* one table for both sides keeps item-item cosine (RSU stage 2) meaningful, and items that were
+  never clicked are still placed in the space through the tokens they share with clicked ones.
+
+Vocabulary: the token ids that occur in the training pairs (at least `min_token_count` times,
+at most `max_vocab_size` most frequent). Tokens outside it are ignored when encoding; a text
+with no known token (empty caption, unseen tokens only) gets the all-zero vector, which the
+ranker treats like the OOV embedding row, and is counted by the readers
+(`items_zero_embedding`, `queries_zero_embedding` metrics).
+
+Training is bounded (`epochs`, `max_steps`) and deterministic for a given `seed` on one machine
+(seeded initialiser and shuffling; the process-wide op-determinism switch is not touched).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import common  # noqa: F401  (tf-keras before TensorFlow loads)
+from common import features as F
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_TRAIN_TOKENS = F.MAX_QUERY_TOKENS
+MAX_ITEM_TRAIN_TOKENS = 64  # captions / product names are truncated to this many for training
+
+
+@dataclasses.dataclass
+class TextTowerConfig:
+    """Hyper-parameters of the text two-tower (all training is bounded by epochs and max_steps)."""
+
+    embedding_dim: int = F.DEFAULT_EMBEDDING_DIM
+    epochs: int = 3
+    max_steps: int = 20_000
+    batch_size: int = 512
+    learning_rate: float = 0.01
+    temperature: float = 0.1  # softmax temperature on cosine scores (in [-1, 1])
+    min_token_count: int = 1
+    max_vocab_size: int = 1_000_000
+    seed: int = 0
+    log_every_steps: int = 500
+
+    def validate(self) -> "TextTowerConfig":
+        for name in ("embedding_dim", "epochs", "max_steps", "batch_size", "min_token_count",
+                     "max_vocab_size", "log_every_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"text tower {name} must be >= 1 (got {getattr(self, name)!r})")
+        if not self.learning_rate > 0 or not self.temperature > 0:
+            raise ValueError("text tower learning_rate and temperature must be > 0")
+        return self
+
+    @classmethod
+    def from_options(cls, options) -> "TextTowerConfig":
+        """Reads the optional fields from a dict or an argparse namespace (missing -> default).
+
+        Recognised names: embedding_dim, seed, text_tower_epochs, text_tower_max_steps,
+        text_tower_batch_size, text_tower_learning_rate, text_tower_temperature,
+        text_tower_min_token_count, text_tower_max_vocab_size.
+        """
+        def get(name):
+            if options is None:
+                return None
+            if isinstance(options, dict):
+                return options.get(name)
+            return getattr(options, name, None)
+
+        config = cls()
+        for field in dataclasses.fields(cls):
+            for key in (field.name, f"text_tower_{field.name}"):
+                value = get(key)
+                if value is not None:
+                    setattr(config, field.name, type(getattr(config, field.name))(value))
+        return config.validate()
+
+
+class TextEncoder:
+    """The frozen token table and the encoding function shared by queries and items.
+
+    `token_ids[k]` is the raw token id of table row k + 1; row 0 is all zeros (unknown token).
+    Picklable (NumPy only), so Beam workers can encode records without TensorFlow.
+    """
+
+    def __init__(self, token_ids: np.ndarray, table: np.ndarray):
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        table = np.asarray(table, dtype=np.float32)
+        if table.ndim != 2 or table.shape[0] != len(token_ids) + 1:
+            raise ValueError(f"table must have len(token_ids) + 1 = {len(token_ids) + 1} rows, "
+                             f"got shape {table.shape}")
+        self.token_ids = token_ids
+        self.table = table
+        self.table[0] = 0.0
+        self._index: Optional[Dict[int, int]] = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_ids)
+
+    def __getstate__(self):
+        return {"token_ids": self.token_ids, "table": self.table}
+
+    def __setstate__(self, state):
+        self.__init__(state["token_ids"], state["table"])
+
+    def rows(self, tokens: Iterable[int]) -> List[int]:
+        """Table rows of the known tokens (unknown ones are left out)."""
+        if self._index is None:
+            self._index = {int(t): k + 1 for k, t in enumerate(self.token_ids.tolist())}
+        index = self._index
+        return [index[t] for t in (int(t) for t in tokens) if t in index]
+
+    def encode(self, tokens: Iterable[int]) -> np.ndarray:
+        """L2-normalised mean of the known tokens' vectors; all zeros when none is known."""
+        rows = self.rows(tokens)
+        if not rows:
+            return np.zeros(self.dim, np.float32)
+        mean = self.table[rows].mean(axis=0)
+        norm = float(np.linalg.norm(mean))
+        return (mean / norm).astype(np.float32) if norm > 0 else np.zeros(self.dim, np.float32)
+
+    def encode_tuple(self, tokens: Iterable[int]) -> Tuple[float, ...]:
+        return tuple(float(v) for v in self.encode(tokens))
+
+    def query_vocab(self) -> Dict[str, object]:
+        """Columns of the query vocabulary (docs/ARCHITECTURE.md, query_vocab.parquet).
+
+        Anonymised datasets have no words, so `word` is the token id as text.
+        """
+        return {"token_id": self.token_ids.copy(),
+                "word": [str(t) for t in self.token_ids.tolist()],
+                "embedding": self.table[1:].copy()}
+
+    def save(self, path: str) -> str:
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "wb") as f:
+            np.savez(f, token_ids=self.token_ids, table=self.table)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "TextEncoder":
+        import io
+
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = np.load(io.BytesIO(f.read()))
+            return cls(data["token_ids"], data["table"])
+
+
+def build_vocabulary(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                     config: TextTowerConfig) -> np.ndarray:
+    """Raw token ids of the training vocabulary, most frequent first (ties by id)."""
+    counts: Counter = Counter()
+    for query, item in pairs:
+        counts.update(int(t) for t in query)
+        counts.update(int(t) for t in item)
+    kept = [(-c, t) for t, c in counts.items() if c >= config.min_token_count]
+    kept.sort()
+    return np.asarray([t for _, t in kept[:config.max_vocab_size]], dtype=np.int64)
+
+
+def _pad(rows: List[List[int]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        r = r[:length]
+        out[i, :len(r)] = r
+    return out
+
+
+def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                       config: Optional[TextTowerConfig] = None,
+                       item_keys: Optional[Sequence[str]] = None,
+                       ) -> Tuple[TextEncoder, Dict[str, object]]:
+    """Trains the two-tower on (query tokens, clicked item tokens) pairs; returns the frozen
+    encoder and training statistics (pairs used/skipped, steps, first/last loss, seconds).
+
+    `item_keys` (one per pair, e.g. the item id) lets the in-batch softmax skip clicks on the
+    same item as negatives. Pairs whose query or item has no vocabulary token are skipped and
+    counted. With no usable pair the encoder has an empty vocabulary (every text encodes to
+    zeros) rather than failing: the readers still produce data, and the stats say why.
+    """
+    config = (config or TextTowerConfig()).validate()
+    started = time.time()
+    vocab = build_vocabulary(pairs, config)
+    index = {int(t): k + 1 for k, t in enumerate(vocab.tolist())}
+    queries, items, keys = [], [], []
+    key_index: Dict[str, int] = {}
+    skipped = 0
+    for n, (query, item) in enumerate(pairs):
+        q = [index[t] for t in (int(x) for x in query) if t in index]
+        i = [index[t] for t in (int(x) for x in item) if t in index]
+        if not q or not i:
+            skipped += 1
+            continue
+        queries.append(q)
+        items.append(i)
+        key = item_keys[n] if item_keys is not None else str(n)
+        keys.append(key_index.setdefault(key, len(key_index)))
+    stats: Dict[str, object] = {"pairs": len(pairs), "pairs_used": len(queries),
+                                "pairs_skipped_no_tokens": skipped, "vocab_size": len(vocab),
+                                "embedding_dim": config.embedding_dim, "seed": config.seed}
+    dim = config.embedding_dim
+    if not queries:
+        stats.update(steps=0, seconds=round(time.time() - started, 3))
+        log.warning("text two-tower: no usable (query, clicked item) pair; all vectors are zero")
+        return TextEncoder(vocab, np.zeros((len(vocab) + 1, dim), np.float32)), stats
+
+    import tensorflow as tf
+    import tensorflow_recommenders as tfrs
+
+    rng = np.random.default_rng(config.seed)
+    initial = rng.normal(0.0, 0.1, size=(len(vocab) + 1, dim)).astype(np.float32)
+    initial[0] = 0.0
+
+    class TwoTower(tfrs.Model):
+        """Shared-table mean-pooling towers with TFRS's in-batch softmax retrieval loss."""
+
+        def __init__(self):
+            super().__init__()
+            self.table = tf.Variable(initial, name="token_table")
+            self.task = tfrs.tasks.Retrieval(temperature=config.temperature,
+                                             remove_accidental_hits=True)
+
+        def encode(self, tokens):
+            mask = tf.cast(tokens > 0, tf.float32)[..., None]
+            summed = tf.reduce_sum(tf.gather(self.table, tokens) * mask, axis=1)
+            return tf.math.l2_normalize(summed / tf.maximum(tf.reduce_sum(mask, 1), 1.0), -1)
+
+        def compute_loss(self, batch, training=False):
+            return self.task(self.encode(batch["query"]), self.encode(batch["item"]),
+                             candidate_ids=batch["key"], compute_metrics=False,
+                             compute_batch_metrics=False)
+
+    data = {"query": _pad(queries, MAX_QUERY_TRAIN_TOKENS),
+            "item": _pad(items, MAX_ITEM_TRAIN_TOKENS),
+            "key": np.asarray(keys, np.int64)}
+    steps_per_epoch = -(-len(queries) // config.batch_size)
+    total_steps = min(config.max_steps, steps_per_epoch * config.epochs)
+    dataset = (tf.data.Dataset.from_tensor_slices(data)
+               .shuffle(len(queries), seed=config.seed, reshuffle_each_iteration=True)
+               .repeat(config.epochs).batch(config.batch_size).take(total_steps))
+    model = TwoTower()
+    optimizer = tf.keras.optimizers.Adam(config.learning_rate)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(batch):
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch, training=True)
+        grads = tape.gradient(loss, [model.table])
+        optimizer.apply_gradients(zip(grads, [model.table]))
+        return loss
+
+    losses = []
+    log.info("text two-tower: %d pairs, vocabulary %d, %d steps (batch %d, %d epochs max)",
+             len(queries), len(vocab), total_steps, config.batch_size, config.epochs)
+    for step, batch in enumerate(dataset, start=1):
+        losses.append(float(train_step(batch)))
+        if step % config.log_every_steps == 0 or step == total_steps:
+            log.info("text two-tower: step %d/%d loss %.4f", step, total_steps, losses[-1])
+    table = model.table.numpy()
+    stats.update(steps=len(losses), first_loss=losses[0], last_loss=losses[-1],
+                 mean_loss_first_epoch=float(np.mean(losses[:steps_per_epoch])),
+                 mean_loss_last_epoch=float(np.mean(losses[-steps_per_epoch:])),
+                 seconds=round(time.time() - started, 3))
+    return TextEncoder(vocab, table), stats
