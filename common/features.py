@@ -55,6 +55,10 @@ ENGAGEMENT_NAMES = {
 }
 DEFAULT_TASKS = ("click", "long_view", "like")
 JDSEARCH_TASKS = ("click", "cart", "purchase")
+# KuaiSAR's search log (src_inter.csv) carries only clicks (click_cnt): no watch time or like
+# of the search result, so its requests have one task.
+KUAISAR_TASKS = ("click",)
+TASKS_BY_FORMAT = {"canonical": DEFAULT_TASKS, "kuaisar": KUAISAR_TASKS, "jdsearch": JDSEARCH_TASKS}
 
 # ---- request-level features ----------------------------------------------------------------
 REQUEST_ID = "request_id"  # bytes, for grouping (GAUC by request)
