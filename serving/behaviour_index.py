@@ -36,7 +36,7 @@ that arrives during a rebuild is answered by the previous snapshot (base + delta
 never blocked and never sees a half-built index.
 
 Rows: behaviours of a user are stored in time order (row 0 = oldest, ties in arrival order), the
-order of `FeatureStore.behaviours_before()`. Results carry `rows` (chronological positions,
+order of the feature store's histories. Results carry `rows` (chronological positions,
 stable under appends), `positions` (positions in the most-recent-first sequence of the
 behaviours before `before_ms`, the index convention of `stage1_top_k`), `item_indices`,
 `timestamps_ms` and `scores`.
@@ -48,14 +48,22 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from common import features as F
+
 logger = logging.getLogger(__name__)
 
-# A history as (item vocabulary indices, timestamps in ms): what a loader returns for a user.
-History = Tuple[Sequence[int], Sequence[int]]
+# A history as (item vocabulary indices, timestamps in ms[, behaviour features]), oldest first:
+# what a loader returns for a user.
+History = Tuple[Sequence[int], ...]
+
+# Behaviour features an index can carry per row (names and widths from common.features), so a
+# stage-1 result becomes the model's long-term sequence without another store lookup.
+BEHAVIOUR_FEATURES = {F.SEQ_AUTHOR: ("int64", 1), F.SEQ_CATEGORY: ("int64", F.NUM_CATEGORY_LEVELS),
+                      F.SEQ_ENGAGEMENT: ("float32", F.ENGAGEMENT_DIM), F.SEQ_SOURCE: ("int64", 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +130,7 @@ class Stage1Result:
     scores: np.ndarray  # float32 cosine(query, behaviour)
     backend: str  # "exact", "scann" or "none" (no history)
     history_length: int  # behaviours of the user before before_ms
+    features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per behaviour
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -168,11 +177,14 @@ class _Snapshot:
     """An immutable view of one user's index. Arrays may be shared with newer snapshots, which
     only ever write past this snapshot's `size`."""
 
-    __slots__ = ("embeddings", "items", "timestamps", "size", "base", "base_size", "generation")
+    __slots__ = ("embeddings", "items", "timestamps", "size", "base", "base_size", "generation",
+                 "features")
 
     def __init__(self, embeddings, items, timestamps, size, base=None, base_size=0,
-                 generation=0):
+                 generation=0, features=None):
         self.embeddings, self.items, self.timestamps = embeddings, items, timestamps
+        # Optional per-row behaviour feature columns (author, category, engagement, source).
+        self.features = features or {}
         self.size, self.base, self.base_size = size, base, base_size
         # Bumped when the history is replaced (set_history): a rebuild started on an older
         # generation must not attach its base to different rows.
@@ -224,29 +236,36 @@ class Stage1Searcher:
     # ---- building and updating ---------------------------------------------------------------
     @classmethod
     def from_feature_store(cls, store, config: Optional[Stage1Config] = None,
-                           users: Optional[Iterable[str]] = None,
+                           users: Iterable[str] = (),
                            progress: Optional[Callable[[int], None]] = None) -> "Stage1Searcher":
-        """Indexes users of a `common.feature_store.FeatureStore` (all given `users`; others are
-        loaded lazily on their first request through `store.behaviours_before`)."""
-
-        def loader(user_id: str) -> History:
-            return history_from_behaviours(store.behaviours_before(user_id, None))
-
-        searcher = cls(store.item_embeddings(), config, history_loader=loader)
-        for n, user in enumerate(users or ()):
-            searcher.set_history(user, *loader(user))
+        """A searcher over a feature store with the `serving.client.FeatureStoreView` methods
+        (`items()`, `behaviours(user_id, before_ms, limit)`). The given `users` are indexed now,
+        every other user on its first request (with all its behaviour features)."""
+        items = store.items()
+        index = np.asarray(items["item_index"], np.int64)
+        vectors = np.asarray(items["embedding"], np.float32)
+        table = np.zeros((int(index.max(initial=0)) + 1, vectors.shape[1]), np.float32)
+        table[index] = vectors
+        searcher = cls(table, config, history_loader=store_history_loader(store))
+        for n, user in enumerate(users):
+            searcher.set_history(user, *searcher._loader(user))
             if progress:
                 progress(n + 1)
         return searcher
 
     def set_history(self, user_id: str, item_indices: Sequence[int],
-                    timestamps_ms: Sequence[int]) -> None:
-        """(Re)indexes a user's whole history (any order; stored sorted by time, stably)."""
+                    timestamps_ms: Sequence[int],
+                    features: Optional[Mapping[str, Sequence]] = None) -> None:
+        """(Re)indexes a user's whole history, given oldest first (any order is accepted; rows
+        are stored sorted by time, stably). `features` optionally maps behaviour feature names
+        (see BEHAVIOUR_FEATURES) to per-behaviour arrays returned with the results."""
         items, times = self._validate(item_indices, timestamps_ms)
+        columns = _validate_features(features, items.shape[0])
         order = np.argsort(times, kind="stable")
         items, times = items[order], times[order]
+        columns = {name: column[order] for name, column in columns.items()}
         embeddings = self._table[items]
-        snapshot = _Snapshot(embeddings, items, times, items.shape[0])
+        snapshot = _Snapshot(embeddings, items, times, items.shape[0], features=columns)
         if snapshot.size >= self.config.scann_min_history:
             snapshot = self._with_base(snapshot, snapshot.size)
         user = self._user(user_id, create=True, load=False)
@@ -256,27 +275,39 @@ class Stage1Searcher:
         self.counters["histories_set"] += 1
 
     def add_behaviours(self, user_id: str, item_indices: Sequence[int],
-                       timestamps_ms: Sequence[int]) -> None:
+                       timestamps_ms: Sequence[int],
+                       features: Optional[Mapping[str, Sequence]] = None) -> None:
         """Appends new behaviours. They go to the exact delta buffer at once (visible to the next
         request); the ScaNN base is rebuilt when the delta is large. A behaviour older than the
         user's latest one re-sorts the history and rebuilds the user's index synchronously."""
         items, times = self._validate(item_indices, timestamps_ms)
+        columns = _validate_features(features, items.shape[0])
         if items.shape[0] == 0:
             return
         user = self._user(user_id, create=True, load=True)
         with user.lock:
             old = user.snapshot
+            if old.size and set(columns) != set(old.features):
+                raise ValueError(f"new behaviours of {user_id!r} carry features "
+                                 f"{sorted(columns)}, the indexed ones {sorted(old.features)}")
             if (old.size and times.min() < old.timestamps[old.size - 1]) or \
                     np.any(np.diff(times) < 0):
                 self.counters["out_of_order_appends"] += 1
                 all_items = np.concatenate([old.items[:old.size], items])
                 all_times = np.concatenate([old.timestamps[:old.size], times])
+                all_features = {name: np.concatenate([old.features[name][:old.size], column])
+                                for name, column in columns.items()}
             else:
                 all_items = None
             if all_items is None:
-                user.snapshot = self._appended(old, items, times)
+                if not old.size and columns:  # first rows define the feature columns
+                    old = _Snapshot(old.embeddings, old.items, old.timestamps, 0,
+                                    generation=old.generation,
+                                    features={name: column[:0].copy()
+                                              for name, column in columns.items()})
+                user.snapshot = self._appended(old, items, times, columns)
         if all_items is not None:
-            self.set_history(user_id, all_items, all_times)
+            self.set_history(user_id, all_items, all_times, all_features)
             return
         self.counters["behaviours_appended"] += int(items.shape[0])
         self._maybe_rebuild(user_id, user)
@@ -366,9 +397,9 @@ class Stage1Searcher:
         if load and self._loader is not None:
             # Unseen at index time (or evicted): index what the store knows, even nothing, so
             # the next request does not ask the store again.
-            items, times = self._loader(user_id)
+            history = self._loader(user_id)
             self.counters["users_loaded"] += 1
-            self.set_history(user_id, items, times)
+            self.set_history(user_id, *history)
             with self._users_lock:
                 user = self._users.get(user_id)
             if user is not None:
@@ -384,7 +415,8 @@ class Stage1Searcher:
                     self.counters["users_evicted"] += 1
             return user
 
-    def _appended(self, old: _Snapshot, items: np.ndarray, times: np.ndarray) -> _Snapshot:
+    def _appended(self, old: _Snapshot, items: np.ndarray, times: np.ndarray,
+                  features: Dict[str, np.ndarray]) -> _Snapshot:
         n, m = old.size, items.shape[0]
         embeddings, all_items, all_times = old.embeddings, old.items, old.timestamps
         if n + m > embeddings.shape[0]:  # grow geometrically; old snapshots keep old arrays
@@ -393,8 +425,14 @@ class Stage1Searcher:
             all_items, all_times = _grown(all_items, capacity, n), _grown(all_times, capacity, n)
         embeddings[n:n + m] = self._table[items]
         all_items[n:n + m], all_times[n:n + m] = items, times
+        all_features = {}
+        for name, column in old.features.items():
+            if n + m > column.shape[0]:
+                column = _grown(column, embeddings.shape[0], n)
+            column[n:n + m] = features[name]
+            all_features[name] = column
         return _Snapshot(embeddings, all_items, all_times, n + m, old.base, old.base_size,
-                         old.generation)
+                         old.generation, all_features)
 
     def _maybe_rebuild(self, user_id: str, user: _UserIndex) -> None:
         snap = user.snapshot
@@ -430,7 +468,7 @@ class Stage1Searcher:
                 # Rows appended while building stay in the delta of the new snapshot.
                 user.snapshot = _Snapshot(current.embeddings, current.items, current.timestamps,
                                           current.size, built.base, built.base_size,
-                                          current.generation)
+                                          current.generation, current.features)
             self.counters["rebuilds"] += 1
         except Exception:  # keep serving from the previous snapshot, but say so
             self.counters["rebuild_failures"] += 1
@@ -451,10 +489,10 @@ class Stage1Searcher:
             self.counters["scann_build_failures"] += 1
             logger.warning("no ScaNN index over %d rows (%s); searching them exactly", rows, err)
             return _Snapshot(snap.embeddings, snap.items, snap.timestamps, snap.size,
-                             generation=snap.generation)
+                             generation=snap.generation, features=snap.features)
         self.counters["scann_builds"] += 1
         return _Snapshot(snap.embeddings, snap.items, snap.timestamps, snap.size, base, rows,
-                         snap.generation)
+                         snap.generation, snap.features)
 
     def _exact_top_k(self, snap, query, k, visible, threshold) -> Stage1Result:
         self.counters["exact_searches"] += 1
@@ -574,30 +612,65 @@ def build_scann(data: np.ndarray, config: Stage1Config):
     return searcher.searcher, leaves
 
 
-def history_from_behaviours(behaviours) -> History:
-    """(item_indices, timestamps_ms) from FeatureStore behaviours: a DataFrame or a sequence of
-    records/dicts with `item_index` (or `item`) and `timestamp` (or `timestamp_ms`)."""
-    if behaviours is None:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+def store_history_loader(store, limit: int = 10_000_000) -> Callable[[str], History]:
+    """user_id -> (items, timestamps, features) oldest first, from a FeatureStoreView whose
+    `behaviours(user_id, before_ms, limit)` returns dicts most recent first."""
 
-    def column(names):
-        for name in names:
-            if hasattr(behaviours, "columns") and name in behaviours.columns:
-                return np.asarray(behaviours[name], dtype=np.int64)
-            if isinstance(behaviours, dict) and name in behaviours:
-                return np.asarray(behaviours[name], dtype=np.int64)
-        rows = list(behaviours)
-        if not rows:
-            return np.zeros(0, np.int64)
-        for name in names:
-            if isinstance(rows[0], dict) and name in rows[0]:
-                return np.asarray([r[name] for r in rows], dtype=np.int64)
-            if hasattr(rows[0], name):
-                return np.asarray([getattr(r, name) for r in rows], dtype=np.int64)
-        raise ValueError(f"behaviours have none of the fields {names}")
+    def load(user_id: str) -> History:
+        rows = list(store.behaviours(user_id, np.iinfo(np.int64).max, limit))[::-1]
+        return behaviours_to_history(rows)
 
-    return (column(("item_index", "item_idx", "item")),
-            column(("timestamp_ms", "timestamp", "time_ms")))
+    return load
+
+
+def behaviours_to_history(rows: Sequence[Mapping[str, Any]]) -> History:
+    """(item_index, timestamp_ms, features) arrays of behaviour dicts (client/store layout:
+    item_index, timestamp_ms, author_index, category, engagement, source)."""
+    items = np.asarray([int(r["item_index"]) for r in rows], np.int64)
+    times = np.asarray([int(r["timestamp_ms"]) for r in rows], np.int64)
+    feats = {}
+    if rows and "author_index" in rows[0]:
+        feats = {
+            F.SEQ_AUTHOR: np.asarray([int(r["author_index"]) for r in rows], np.int64),
+            F.SEQ_CATEGORY: np.asarray([list(r["category"]) for r in rows], np.int64).reshape(
+                -1, F.NUM_CATEGORY_LEVELS),
+            F.SEQ_ENGAGEMENT: np.asarray([list(r["engagement"]) for r in rows],
+                                         np.float32).reshape(-1, F.ENGAGEMENT_DIM),
+            F.SEQ_SOURCE: np.asarray([int(r["source"]) for r in rows], np.int64)}
+    return items, times, feats
+
+
+def long_term_features(result: Stage1Result, now_ms: int) -> Dict[str, np.ndarray]:
+    """The model's long-term sequence (`long_*` features of common.features, most recent
+    first) made of the behaviours stage 1 kept; needs an index built with behaviour features."""
+    missing = [name for name in BEHAVIOUR_FEATURES if name not in result.features]
+    if len(result) and missing:
+        raise ValueError(f"the index carries no behaviour features {missing}: build it with "
+                         "features (Stage1Searcher.from_feature_store does)")
+    out = {F.seq_feature(F.LONG_TERM, F.SEQ_ITEM): result.item_indices.astype(np.int64),
+           F.seq_feature(F.LONG_TERM, F.SEQ_TIME_GAP):
+               ((int(now_ms) - result.timestamps_ms) / 1000.0).astype(np.float32)}
+    for name, (dtype, width) in BEHAVIOUR_FEATURES.items():
+        column = result.features.get(name, np.zeros((0,) if width == 1 else (0, width)))
+        out[F.seq_feature(F.LONG_TERM, name)] = np.asarray(column, dtype)
+    return out
+
+
+def _validate_features(features: Optional[Mapping[str, Sequence]], n: int
+                       ) -> Dict[str, np.ndarray]:
+    columns = {}
+    for name, values in (features or {}).items():
+        if name not in BEHAVIOUR_FEATURES:
+            raise ValueError(f"unknown behaviour feature {name!r}; expected some of "
+                             f"{sorted(BEHAVIOUR_FEATURES)}")
+        dtype, width = BEHAVIOUR_FEATURES[name]
+        column = np.asarray(values, dtype)
+        shape = (n,) if width == 1 else (n, width)
+        if column.size != int(np.prod(shape)):
+            raise ValueError(f"behaviour feature {name!r} has {column.size} values, expected "
+                             f"{int(np.prod(shape))} ({n} behaviours x {width})")
+        columns[name] = column.reshape(shape)
+    return columns
 
 
 def _visible_rows(snap: _Snapshot, before_ms: Optional[int]) -> int:
@@ -610,12 +683,13 @@ def _result(snap: _Snapshot, rows: np.ndarray, scores: np.ndarray, visible: int,
             backend: str) -> Stage1Result:
     return Stage1Result(rows=rows, positions=visible - 1 - rows, item_indices=snap.items[rows],
                         timestamps_ms=snap.timestamps[rows], scores=scores.astype(np.float32),
-                        backend=backend, history_length=visible)
+                        backend=backend, history_length=visible,
+                        features={name: column[rows] for name, column in snap.features.items()})
 
 
 def _empty(backend: str, visible: int) -> Stage1Result:
     none = np.zeros(0, np.int64)
-    return Stage1Result(none, none, none, none, np.zeros(0, np.float32), backend, visible)
+    return Stage1Result(none, none, none, none, np.zeros(0, np.float32), backend, visible, {})
 
 
 def _grown(array: np.ndarray, capacity: int, used: int) -> np.ndarray:

@@ -326,3 +326,91 @@ def test_least_recently_used_users_are_evicted_and_reloaded(data):
     got = searcher.top_k("u0", centres[0], 5)
     items, times = histories["u0"]
     np.testing.assert_array_equal(got.rows, reference_top_k(table, items, times, centres[0], 5))
+
+
+# ---- behaviour features and the feature-store adapter ---------------------------------------
+class InMemoryStore:
+    """The two FeatureStoreView methods the index reads (serving.client's protocol)."""
+
+    def __init__(self, table, histories):
+        self.table, self.histories, self.calls = table, histories, 0
+
+    def items(self):
+        n = self.table.shape[0] - 1
+        return {"item_id": [f"i{k}" for k in range(1, n + 1)], "item_index": np.arange(1, n + 1),
+                "embedding": self.table[1:]}
+
+    def behaviours(self, user_id, before_ms, limit):
+        self.calls += 1
+        rows = [b for b in self.histories.get(user_id, []) if b["timestamp_ms"] < before_ms]
+        return sorted(rows, key=lambda b: -b["timestamp_ms"])[:limit]
+
+
+def behaviour_dicts(items, times):
+    return [{"item_index": int(i), "timestamp_ms": int(t), "author_index": int(i) % 97 + 1,
+             "category": [int(i) % 5 + 1, int(i) % 11 + 1],
+             "engagement": [float(i % 7) / 7, 1.0, 0.0, float(t % 2)], "source": int(t % 2) + 1}
+            for i, t in zip(items, times)]
+
+
+def test_feature_store_searcher_returns_the_long_term_sequence_with_features(data):
+    rng, table, centres = data
+    items, times = history(rng, 2600, 5000)
+    store = InMemoryStore(table, {"u": behaviour_dicts(items, times)})
+    searcher = Stage1Searcher.from_feature_store(store, small_scann_config(), users=["u"])
+    assert store.calls == 1 and searcher.user_stats("u")["base_rows"] == 2600
+    # New behaviours (with features) arrive after indexing.
+    new_items, new_times = np.array([11, 12]), times[-1] + np.array([10, 20])
+    new = behaviour_dicts(new_items, new_times)
+    searcher.add_behaviours("u", new_items, new_times, features={
+        features.SEQ_AUTHOR: [b["author_index"] for b in new],
+        features.SEQ_CATEGORY: [b["category"] for b in new],
+        features.SEQ_ENGAGEMENT: [b["engagement"] for b in new],
+        features.SEQ_SOURCE: [b["source"] for b in new]})
+    all_dicts = behaviour_dicts(np.append(items, new_items), np.append(times, new_times))
+    now = int(new_times[-1]) + 1000
+    got = searcher.top_k("u", table[12], 50, before_ms=now)
+    assert got.rows[0] == 2601, "the newest behaviour (item 12 itself) is kept, first"
+    sequence = serving_long_term(got, now)
+    for position, row in enumerate(got.rows):
+        b = all_dicts[row]
+        assert sequence["long_item"][position] == b["item_index"]
+        assert sequence["long_author"][position] == b["author_index"]
+        assert sequence["long_category"][position].tolist() == b["category"]
+        np.testing.assert_allclose(sequence["long_engagement"][position], b["engagement"])
+        assert sequence["long_source"][position] == b["source"]
+        assert sequence["long_time_gap"][position] == pytest.approx((now - b["timestamp_ms"]) / 1e3)
+    assert np.all(np.diff(sequence["long_time_gap"]) >= 0), "most recent first"
+    # The sequence is a valid long-term sequence of the shared example layout.
+    request = {features.REQUEST_ID: "r", features.USER_ID: "u", features.REQUEST_TIME: now,
+               features.QUERY_EMBEDDING: table[12], features.CANDIDATE_ITEM: [1],
+               features.CANDIDATE_AUTHOR: [1], features.CANDIDATE_CATEGORY: [[1, 1]],
+               **{features.label_feature(t): [0] for t in features.DEFAULT_TASKS}, **sequence}
+    example = features.make_example(request)
+    assert example.features.feature["long_length"].int64_list.value[0] == 50
+
+
+def serving_long_term(result, now):
+    from serving.behaviour_index import long_term_features
+
+    return long_term_features(result, now)
+
+
+def test_features_follow_rows_through_out_of_order_appends_and_are_checked(data):
+    rng, table, _ = data
+    searcher = Stage1Searcher(table)
+    searcher.set_history("u", [5, 6, 7], [10, 20, 30],
+                         features={features.SEQ_SOURCE: [1, 2, 1]})
+    searcher.add_behaviours("u", [8], [15], features={features.SEQ_SOURCE: [2]})
+    got = searcher.top_k("u", np.zeros(DIM), 10)
+    assert got.item_indices.tolist() == [7, 6, 8, 5]
+    assert got.features[features.SEQ_SOURCE].tolist() == [1, 2, 2, 1]
+    with pytest.raises(ValueError, match="carry features"):
+        searcher.add_behaviours("u", [9], [40])
+    with pytest.raises(ValueError, match="expected 4"):
+        searcher.set_history("v", [1, 2], [1, 2], features={features.SEQ_CATEGORY: [1, 2]})
+    with pytest.raises(ValueError, match="unknown behaviour feature"):
+        searcher.set_history("v", [1], [1], features={"colour": [1]})
+    searcher.set_history("w", [1], [1])
+    with pytest.raises(ValueError, match="no behaviour features"):
+        serving_long_term(searcher.top_k("w", table[1], 1), 5)
