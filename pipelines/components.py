@@ -111,28 +111,36 @@ def evaluate(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], split: s
                     "--model-dir", model.path, "--split", split, "--output", out], check=True)
     with open(out + "/metrics.json") as f:
         result = json.load(f)
-    for name, value in result.get("summary", {}).items():
-        metrics.log_metric(name, float(value))
+    for predictor in ("model", "oracle"):
+        for task, values in result.get(predictor, {}).get("tasks", {}).items():
+            for name in ("auc", "logloss", "gauc_request", "gauc_user"):
+                value = values.get(name)
+                if value is not None:
+                    metrics.log_metric(f"{predictor}_{task}_{name}", float(value))
     shutil.copy(out + "/metrics.md", report.path)
-    summary = result["summary"]
+    shutil.copy(out + "/metrics.json", metrics.path + ".json")
+    click = result["model"]["tasks"]["click"]
     Result = collections.namedtuple("EvaluationResult", ["click_gauc", "click_auc"])
-    return Result(float(summary["click_gauc_by_request"]), float(summary["click_auc"]))
+    return Result(float(click["gauc_request"]), float(click["auc"]))
 
 
 @_component
 def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], base_path: str,
                  model_name: str, exported: dsl.Output[dsl.Model]) -> str:
     """Exports a new numeric version under base_path/model_name for TF Serving to pick up."""
+    import json
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", model.path,
                            "--data", data.path, "--base-path", base_path,
-                           "--model-name", model_name], check=True, capture_output=True,
-                          text=True)
-    sys.stdout.write(proc.stdout)
+                           "--model-name", model_name], capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
-    version_dir = proc.stdout.strip().splitlines()[-1].split()[-1]
-    exported.uri = version_dir
-    exported.metadata.update({"model_name": model_name, "version_dir": version_dir})
-    return version_dir
+    if proc.returncode:
+        raise RuntimeError(f"serving.export failed with exit code {proc.returncode}")
+    summary = json.loads(proc.stdout)
+    exported.metadata.update({"model_name": model_name, "version": summary["version"],
+                              "export_dir": summary["export_dir"]})
+    with open(exported.path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary["export_dir"]
