@@ -156,10 +156,14 @@ class TextEncoder:
                 "embedding": self.table[1:].copy()}
 
     def save(self, path: str) -> str:
+        import io
+
         import tensorflow as tf
 
+        buffer = io.BytesIO()  # np.savez seeks, which GFile (gs:// too) does not allow
+        np.savez(buffer, token_ids=self.token_ids, table=self.table)
         with tf.io.gfile.GFile(path, "wb") as f:
-            np.savez(f, token_ids=self.token_ids, table=self.table)
+            f.write(buffer.getvalue())
         return path
 
     @classmethod

@@ -1,0 +1,550 @@
+"""Reader of the KuaiSAR dataset (Kuaishou search + recommendation, arXiv 2306.07705).
+
+`python -m preprocessing --input-format kuaisar --input DIR` calls `prepare(DIR, work_dir,
+options)` once (it validates the files and trains the text embedding space, see
+preprocessing/text_embeddings.py), then applies `ReadKuaiSAR(DIR, **prepared)` to the pipeline
+root. The result is the reader contract of preprocessing/records.py.
+
+Input files (CSV with a header; columns are found by name, extra columns are ignored):
+
+  rec_inter.csv      feed actions -> BehaviourRecord(source=FEED)
+                     engagement = (watch_ratio, like, follow, forward) (ENGAGEMENT_NAMES["kuaisar"])
+                     watch_ratio = playing_time / duration_ms clipped to [0, WATCH_RATIO_CAP]
+                     (0 when the duration is missing or 0, counted as `missing_duration`)
+  src_inter.csv      one row per item shown in a search session. Rows are grouped by
+                     search_session_id into one RequestRecord: candidates = the shown items
+                     (sorted by item id: the file has no position column; an item shown twice
+                     is one candidate, clicked if any row was clicked), label click =
+                     click_cnt > 0, query tokens = keyword. Each clicked item also becomes a
+                     BehaviourRecord(source=SEARCH) at the session time with engagement all
+                     zero (the search log has no watch time or like of the result). A session
+                     id whose rows disagree on user, time or keyword becomes one request per
+                     (user, time, keyword), with ids `<session>#<k>` (counted).
+  item_features.csv  -> ItemRecord(author_id, categories = (first, second level category id),
+                     tokens = caption token ids, embedding = text embedding of the caption)
+  user_features.csv  (optional) -> UserRecord(profile = USER_PROFILE_FIELDS)
+  social_network.csv is not read.
+
+Tasks: KuaiSAR's search log only says whether a shown item was clicked, so KuaiSAR requests
+carry the single task `common.features.KUAISAR_TASKS` = ("click",). Inventing long-view or
+like labels from feed actions on the same item would mostly label noise; `prepare()` returns
+`tasks` so the metadata records it.
+
+Items referenced by an action or a session but absent from item_features.csv still get an
+ItemRecord (unknown author and category, zero embedding), counted as `items_without_metadata`.
+Rows that cannot be parsed go to the dead letters with a reason; counts of everything else
+that is unusual are Beam metrics in the namespace METRICS_NAMESPACE.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+import common  # noqa: F401
+from common import features as F
+from preprocessing.records import (BehaviourRecord, DeadLetter, ItemRecord, RequestRecord,
+                                   UserRecord)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kuaisar"
+METRICS_NAMESPACE = "preprocessing.kuaisar"
+TASKS = F.KUAISAR_TASKS
+ENGAGEMENT_NAMES = F.ENGAGEMENT_NAMES[FORMAT]
+WATCH_RATIO_CAP = 3.0  # replays beyond three full views add no information, only scale
+DEAD_LETTER = "dead_letter"
+
+REC_INTER, SRC_INTER = "rec_inter.csv", "src_inter.csv"
+ITEM_FEATURES, USER_FEATURES = "item_features.csv", "user_features.csv"
+REQUIRED_COLUMNS = {
+    REC_INTER: ("user_id", "item_id", "playing_time", "duration_ms", "timestamp", "like",
+                "follow", "forward"),
+    SRC_INTER: ("user_id", "search_session_id", "search_session_timestamp", "keyword", "item_id",
+                "click_cnt"),
+    ITEM_FEATURES: ("item_id", "caption", "author_id", "first_level_category_id",
+                    "second_level_category_id"),
+    USER_FEATURES: ("user_id", "search_active_level", "rec_active_level", "onehot_feat1",
+                    "onehot_feat2"),
+}
+OPTIONAL_FILES = (USER_FEATURES,)
+USER_PROFILE_FIELDS = REQUIRED_COLUMNS[USER_FEATURES][1:]
+_MISSING = {"", "nan", "none", "null", "\\n"}
+_INTEGRAL_FLOAT = re.compile(r"^(-?\d+)\.0*$")
+
+
+# ---- value parsing (pure functions, shared with the JDsearch reader) -------------------------
+def normalise_id(value: Optional[str]) -> str:
+    """Raw id as a string: trimmed, "" when missing, "12.0" (pandas float columns) -> "12".
+
+    Never converted to a fixed-width integer, so 20-digit ids survive exactly.
+    """
+    if value is None:
+        return ""
+    value = value.strip()
+    if value.lower() in _MISSING:
+        return ""
+    match = _INTEGRAL_FLOAT.match(value)
+    return match.group(1) if match else value
+
+
+def parse_int(value: str, what: str) -> int:
+    """Integer from "123" or "123.0"; ValueError naming `what` otherwise."""
+    value = value.strip()
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"bad_{what}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"bad_{what}")
+    return int(number)
+
+
+def parse_float(value: str, what: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"bad_{what}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"bad_{what}")
+    return number
+
+
+def parse_flag(value: str, what: str) -> float:
+    """0/1 from a count or flag column (missing -> 0)."""
+    if value.strip().lower() in _MISSING:
+        return 0.0
+    return 1.0 if parse_float(value, what) > 0 else 0.0
+
+
+def parse_token_list(value: Optional[str], what: str) -> Tuple[int, ...]:
+    """Token ids from "[20, 34, 3]" (also "20 34 3", "[]" or missing -> ())."""
+    if value is None or value.strip().lower() in _MISSING:
+        return ()
+    body = value.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    parts = [p for p in re.split(r"[,\s]+", body) if p]
+    try:
+        return tuple(parse_int(p, what) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad_{what}") from None
+
+
+def _counter(name: str):
+    return Metrics.counter(METRICS_NAMESPACE, name)
+
+
+# ---- validation and preparation --------------------------------------------------------------
+def read_header(path: str) -> List[str]:
+    with FileSystems.open(path) as f:
+        first = f.readline()
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 CSV file (is it Parquet or compressed?); "
+                         "KuaiSAR files are plain CSV with a header line") from None
+    return [c.strip() for c in next(csv.reader([text.rstrip("\r\n")]), [])]
+
+
+def validate(input_dir: str) -> Dict[str, List[str]]:
+    """Checks that the KuaiSAR files exist and have the published columns.
+
+    Returns {file name: header columns} for the files present. Raises ValueError with what is
+    missing and what was found, before any pipeline work starts.
+    """
+    headers: Dict[str, List[str]] = {}
+    for name, required in REQUIRED_COLUMNS.items():
+        path = os.path.join(input_dir, name)
+        if not FileSystems.exists(path):
+            if name in OPTIONAL_FILES:
+                log.info("%s not found: users get no profile features", path)
+                continue
+            present = sorted(m.path.rsplit("/", 1)[-1] for m in
+                             FileSystems.match([os.path.join(input_dir, "*")])[0].metadata_list)
+            raise ValueError(
+                f"--input-format kuaisar needs {name} in {input_dir} (found: {present or 'nothing'}). "
+                f"Expected the KuaiSAR CSV files {sorted(REQUIRED_COLUMNS)}; "
+                "for the project's own Parquet layout use --input-format canonical.")
+        header = read_header(path)
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: header lacks the KuaiSAR columns {missing} "
+                             f"(header has {header[:20]}); is this really a KuaiSAR file?")
+        duplicated = sorted({c for c in header if header.count(c) > 1 and c in required})
+        if duplicated:
+            raise ValueError(f"{path}: columns {duplicated} appear more than once in the header")
+        headers[name] = header
+    return headers
+
+
+def _iter_csv(path: str, header: Sequence[str]) -> Iterable[Dict[str, str]]:
+    """Rows of a CSV file as dicts (plain Python, for prepare()); malformed rows are skipped
+    here because the Beam pass dead-letters them with their reason."""
+    import io
+
+    with FileSystems.open(path) as raw:
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace",
+                                             newline=""))
+        next(reader, None)
+        for fields in reader:
+            if len(fields) == len(header):
+                yield dict(zip(header, fields))
+
+
+def _option(options, name, default=None):
+    if options is None:
+        return default
+    value = options.get(name) if isinstance(options, dict) else getattr(options, name, None)
+    return default if value is None else value
+
+
+def click_pairs(input_dir: str, headers: Dict[str, List[str]], progress_every: int = 1_000_000):
+    """(keyword tokens, clicked item caption tokens) pairs and their item ids, from src_inter
+    and item_features, plus counts of what could not be used."""
+    clicks: List[Tuple[Tuple[int, ...], str]] = []
+    counts = {"search_rows": 0, "click_rows": 0, "click_rows_unparsable": 0}
+    for n, row in enumerate(_iter_csv(os.path.join(input_dir, SRC_INTER), headers[SRC_INTER]), 1):
+        counts["search_rows"] += 1
+        if n % progress_every == 0:
+            log.info("text embeddings: read %d search rows", n)
+        try:
+            if parse_flag(row["click_cnt"], "click_cnt") <= 0:
+                continue
+            item = normalise_id(row["item_id"])
+            tokens = parse_token_list(row["keyword"], "keyword")
+        except ValueError:
+            counts["click_rows_unparsable"] += 1
+            continue
+        counts["click_rows"] += 1
+        if item and tokens:
+            clicks.append((tokens, item))
+    wanted = {item for _, item in clicks}
+    captions: Dict[str, Tuple[int, ...]] = {}
+    for row in _iter_csv(os.path.join(input_dir, ITEM_FEATURES), headers[ITEM_FEATURES]):
+        item = normalise_id(row["item_id"])
+        if item in wanted and item not in captions:
+            try:
+                captions[item] = parse_token_list(row["caption"], "caption")
+            except ValueError:
+                continue
+    pairs = [(q, captions[i]) for q, i in clicks if captions.get(i)]
+    keys = [i for _, i in clicks if captions.get(i)]
+    counts["click_pairs_without_caption"] = len(clicks) - len(pairs)
+    return pairs, keys, counts
+
+
+def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
+    """Validates the input and trains the frozen query/item text embedding space.
+
+    Returns the keyword arguments of ReadKuaiSAR: `text_encoder` (TextEncoder),
+    `query_vocab` (token_id, word, embedding columns for the feature store), `tasks`,
+    `engagement_names` and `text_tower_stats`. Writes text_encoder.npz and
+    text_tower_stats.json into work_dir when given. Options (dict or argparse namespace) are
+    read as in TextTowerConfig.from_options.
+    """
+    from preprocessing.text_embeddings import TextTowerConfig, train_text_encoder
+
+    headers = validate(input_dir)
+    config = TextTowerConfig.from_options(options)
+    pairs, keys, counts = click_pairs(input_dir, headers)
+    encoder, stats = train_text_encoder(pairs, config, keys)
+    stats.update(counts)
+    _save_prepared(work_dir, encoder, stats)
+    return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,
+            "engagement_names": ENGAGEMENT_NAMES, "text_tower_stats": stats}
+
+
+def _save_prepared(work_dir, encoder, stats) -> None:
+    if not work_dir:
+        return
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(work_dir)
+    encoder.save(os.path.join(work_dir, "text_encoder.npz"))
+    with tf.io.gfile.GFile(os.path.join(work_dir, "text_tower_stats.json"), "w") as f:
+        f.write(json.dumps(stats, indent=2, sort_keys=True, default=float))
+
+
+# ---- Beam DoFns ------------------------------------------------------------------------------
+class ParseCsvRows(beam.DoFn):
+    """CSV line -> dict by header name; wrong field counts go to the dead letters."""
+
+    def __init__(self, source: str, header: Sequence[str]):
+        self.source, self.header = source, list(header)
+
+    def process(self, line: str):
+        if not line.strip():
+            _counter(f"{self.source}:blank_lines").inc()
+            return
+        try:
+            fields = next(csv.reader([line]))
+        except csv.Error:
+            fields = None
+        if fields is None or len(fields) != len(self.header):
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+                self.source, "wrong_field_count", line))
+            return
+        yield dict(zip(self.header, fields)), line
+
+
+class ParseFeedAction(beam.DoFn):
+    """rec_inter row -> BehaviourRecord(source=FEED)."""
+
+    def process(self, element):
+        row, line = element
+        try:
+            user, item = normalise_id(row["user_id"]), normalise_id(row["item_id"])
+            if not user or not item:
+                raise ValueError("missing_id")
+            timestamp = parse_int(row["timestamp"], "timestamp")
+            playing = parse_float(row["playing_time"], "playing_time") \
+                if row["playing_time"].strip().lower() not in _MISSING else 0.0
+            duration = parse_float(row["duration_ms"], "duration_ms") \
+                if row["duration_ms"].strip().lower() not in _MISSING else 0.0
+            like, follow, forward = (parse_flag(row[c], c) for c in ("like", "follow", "forward"))
+        except ValueError as e:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(REC_INTER, str(e), line))
+            return
+        if duration > 0:
+            ratio = max(playing, 0.0) / duration
+            if ratio > WATCH_RATIO_CAP:
+                _counter("watch_ratio_clipped").inc()
+            ratio = min(ratio, WATCH_RATIO_CAP)
+        else:
+            _counter("missing_duration").inc()
+            ratio = 0.0
+        _counter("feed_behaviours").inc()
+        yield BehaviourRecord(user, item, timestamp, F.SOURCE_FEED,
+                              (float(ratio), like, follow, forward))
+
+
+class ParseSearchRow(beam.DoFn):
+    """src_inter row -> (session id, (user, timestamp, keyword tokens, item, clicked))."""
+
+    def process(self, element):
+        row, line = element
+        try:
+            user, item = normalise_id(row["user_id"]), normalise_id(row["item_id"])
+            session = normalise_id(row["search_session_id"])
+            if not user or not item or not session:
+                raise ValueError("missing_id")
+            timestamp = parse_int(row["search_session_timestamp"], "search_session_timestamp")
+            keyword = parse_token_list(row["keyword"], "keyword")
+            clicked = parse_flag(row["click_cnt"], "click_cnt")
+        except ValueError as e:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(SRC_INTER, str(e), line))
+            return
+        yield session, (user, timestamp, keyword, item, clicked)
+
+
+class BuildSearchRequests(beam.DoFn):
+    """One search session -> RequestRecord(s) + SEARCH behaviours for its clicked items."""
+
+    BEHAVIOURS = "search_behaviours"
+
+    def __init__(self, encoder=None):
+        self.encoder = encoder
+
+    def process(self, element):
+        session, rows = element
+        groups: Dict[Tuple[str, int, Tuple[int, ...]], Dict[str, float]] = {}
+        for user, timestamp, keyword, item, clicked in rows:
+            shown = groups.setdefault((user, timestamp, keyword), {})
+            if item in shown:
+                _counter("duplicate_candidates_merged").inc()
+            shown[item] = max(shown.get(item, 0.0), clicked)
+        if len(groups) > 1:
+            _counter("sessions_split").inc()
+        zero_engagement = (0.0,) * F.ENGAGEMENT_DIM
+        for k, key in enumerate(sorted(groups)):
+            user, timestamp, keyword = key
+            items = sorted(groups[key])
+            clicks = [groups[key][i] for i in items]
+            embedding = None
+            if self.encoder is not None:
+                embedding = self.encoder.encode_tuple(keyword)
+                if not any(embedding):
+                    _counter("queries_zero_embedding").inc()
+            request_id = session if len(groups) == 1 else f"{session}#{k}"
+            _counter("requests").inc()
+            if any(clicks):
+                _counter("requests_with_click").inc()
+            yield RequestRecord(request_id, user, timestamp, keyword, embedding, tuple(items),
+                                {"click": clicks})
+            for item, clicked in zip(items, clicks):
+                if clicked:
+                    yield beam.pvalue.TaggedOutput(self.BEHAVIOURS, BehaviourRecord(
+                        user, item, timestamp, F.SOURCE_SEARCH, zero_engagement))
+
+
+class ParseItemFeatures(beam.DoFn):
+    """item_features row -> (item id, (raw line, ItemRecord without embedding))."""
+
+    def process(self, element):
+        row, line = element
+        try:
+            item = normalise_id(row["item_id"])
+            if not item:
+                raise ValueError("missing_id")
+            caption = parse_token_list(row["caption"], "caption")
+        except ValueError as e:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(ITEM_FEATURES, str(e), line))
+            return
+        categories = trim_categories([normalise_id(row["first_level_category_id"]),
+                                      normalise_id(row["second_level_category_id"])])
+        yield item, (line, ItemRecord(item, normalise_id(row["author_id"]), categories, None,
+                                      caption))
+
+
+def trim_categories(levels: Sequence[str]) -> Tuple[str, ...]:
+    """Category ids coarse to fine; trailing unknown levels dropped, inner ones kept as ""."""
+    levels = list(levels)[:F.NUM_CATEGORY_LEVELS]
+    while levels and not levels[-1]:
+        levels.pop()
+    return tuple(levels)
+
+
+class ResolveItems(beam.DoFn):
+    """Joins item metadata with the item ids the actions and sessions reference.
+
+    One ItemRecord per id: its metadata row (the first by raw text when the id appears more
+    than once, the others go to the dead letters as `duplicate_item`), or a bare record with
+    unknown author/category when only referenced (counted as `items_without_metadata`). The
+    embedding is the text embedding of the item's tokens (zero vector when none is known).
+    """
+
+    def __init__(self, source: str, encoder=None, namespace: str = METRICS_NAMESPACE):
+        self.source, self.encoder, self.namespace = source, encoder, namespace
+
+    def process(self, element):
+        item_id, grouped = element
+        metadata = sorted(grouped["metadata"])
+        if metadata:
+            record = metadata[0][1]
+            for line, _ in metadata[1:]:
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+                    self.source, "duplicate_item", line))
+        else:
+            Metrics.counter(self.namespace, "items_without_metadata").inc()
+            record = ItemRecord(item_id, "", (), None, ())
+        if self.encoder is not None:
+            embedding = self.encoder.encode_tuple(record.tokens)
+            if not any(embedding):
+                Metrics.counter(self.namespace, "items_zero_embedding").inc()
+            record = record._replace(embedding=embedding)
+        Metrics.counter(self.namespace, "items").inc()
+        yield record
+
+
+class CompleteItems(beam.PTransform):
+    """(item id, (raw line, ItemRecord)) metadata + referenced item ids -> items, dead letters."""
+
+    def __init__(self, source: str, encoder=None, namespace: str = METRICS_NAMESPACE):
+        super().__init__()
+        self.source, self.encoder, self.namespace = source, encoder, namespace
+
+    def expand(self, inputs):
+        metadata, referenced = inputs
+        refs = (referenced | "DistinctReferenced" >> beam.Distinct()
+                | "KeyReferenced" >> beam.Map(lambda item: (item, None)))
+        return ({"metadata": metadata, "referenced": refs}
+                | "JoinItems" >> beam.CoGroupByKey()
+                | "ResolveItems" >> beam.ParDo(ResolveItems(
+                    self.source, self.encoder, self.namespace)).with_outputs(
+                        DEAD_LETTER, main="items"))
+
+
+class ResolveUsers(beam.DoFn):
+    def process(self, element):
+        user, rows = element
+        rows = sorted(rows)
+        for line, _ in rows[1:]:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+                USER_FEATURES, "duplicate_user", line))
+        yield rows[0][1]
+
+
+def _parse_user(element):
+    row, line = element
+    user = normalise_id(row["user_id"])
+    if not user:
+        return [beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(USER_FEATURES, "missing_id",
+                                                                 line))]
+    profile = tuple(normalise_id(row[c]) for c in USER_PROFILE_FIELDS)
+    return [(user, (line, UserRecord(user, profile)))]
+
+
+class ReadKuaiSAR(beam.PTransform):
+    """KuaiSAR CSV directory -> {"items", "users", "behaviours", "requests", "dead_letter"}.
+
+    `text_encoder` (from prepare()) embeds captions and keywords; without it the records carry
+    no embeddings (embedding=None). The other keyword arguments are prepare()'s informational
+    outputs and are accepted so that `ReadKuaiSAR(input_dir, **prepare(...))` works.
+    """
+
+    def __init__(self, input_dir: str, text_encoder=None, query_vocab=None, tasks=TASKS,
+                 engagement_names=ENGAGEMENT_NAMES, text_tower_stats=None, headers=None):
+        super().__init__()
+        self.input_dir = input_dir
+        self.encoder = text_encoder
+        self.headers = headers or validate(input_dir)
+
+    def _rows(self, pbegin, name: str):
+        label = name.split(".")[0]
+        return (pbegin
+                | f"Read_{label}" >> beam.io.ReadFromText(os.path.join(self.input_dir, name),
+                                                          skip_header_lines=1)
+                | f"Split_{label}" >> beam.ParDo(ParseCsvRows(name, self.headers[name]))
+                .with_outputs(DEAD_LETTER, main="rows"))
+
+    def expand(self, pbegin):
+        dead = []
+        rec = self._rows(pbegin, REC_INTER)
+        feed = rec.rows | "ParseFeedActions" >> beam.ParDo(ParseFeedAction()).with_outputs(
+            DEAD_LETTER, main="behaviours")
+        src = self._rows(pbegin, SRC_INTER)
+        search = src.rows | "ParseSearchRows" >> beam.ParDo(ParseSearchRow()).with_outputs(
+            DEAD_LETTER, main="rows")
+        sessions = (search.rows | "GroupSessions" >> beam.GroupByKey()
+                    | "BuildRequests" >> beam.ParDo(BuildSearchRequests(self.encoder))
+                    .with_outputs(BuildSearchRequests.BEHAVIOURS, main="requests"))
+        behaviours = ((feed.behaviours, sessions[BuildSearchRequests.BEHAVIOURS])
+                      | "FlattenBehaviours" >> beam.Flatten())
+        item_rows = self._rows(pbegin, ITEM_FEATURES)
+        metadata = item_rows.rows | "ParseItems" >> beam.ParDo(ParseItemFeatures()).with_outputs(
+            DEAD_LETTER, main="items")
+        referenced = ((behaviours | "BehaviourItems" >> beam.Map(lambda b: b.item_id),
+                       sessions.requests | "CandidateItems" >> beam.FlatMap(
+                           lambda r: r.candidate_item_ids))
+                      | "FlattenReferenced" >> beam.Flatten())
+        items = (metadata.items, referenced) | "CompleteItems" >> CompleteItems(
+            ITEM_FEATURES, self.encoder)
+        dead += [rec[DEAD_LETTER], feed[DEAD_LETTER], src[DEAD_LETTER], search[DEAD_LETTER],
+                 item_rows[DEAD_LETTER], metadata[DEAD_LETTER], items[DEAD_LETTER]]
+        if USER_FEATURES in self.headers:
+            user_rows = self._rows(pbegin, USER_FEATURES)
+            parsed = user_rows.rows | "ParseUsers" >> beam.FlatMap(_parse_user).with_outputs(
+                DEAD_LETTER, main="users")
+            users = (parsed.users | "GroupUsers" >> beam.GroupByKey()
+                     | "ResolveUsers" >> beam.ParDo(ResolveUsers()).with_outputs(
+                         DEAD_LETTER, main="users"))
+            dead += [user_rows[DEAD_LETTER], parsed[DEAD_LETTER], users[DEAD_LETTER]]
+            users = users.users
+        else:
+            users = pbegin | "NoUsers" >> beam.Create([])
+        return {"items": items.items, "users": users, "behaviours": behaviours,
+                "requests": sessions.requests,
+                "dead_letter": tuple(dead) | "FlattenDeadLetters" >> beam.Flatten()}

@@ -1,0 +1,209 @@
+"""KuaiSAR reader: records produced from tiny files in the published layout, on Beam's
+in-process runner."""
+import numpy as np
+import pytest
+
+import common  # noqa: F401
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from common import features as F
+from preprocessing import kuaisar
+from preprocessing.records import BehaviourRecord, DeadLetter, ItemRecord, RequestRecord, UserRecord
+from preprocessing.text_embeddings import TextEncoder
+from tests.public_format_files import item_row, rec_row, src_row, write_kuaisar
+
+RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+T0 = 1_653_184_800_000
+BIG_USER = "12345678901234567890"  # 20 digits: must stay an exact string
+ZERO = (0.0, 0.0, 0.0, 0.0)
+
+
+def _files(directory):
+    return write_kuaisar(
+        directory,
+        rec_rows=[rec_row(1, 101, 5000, 10000, T0, like=1),
+                  rec_row(1, 102, 25000, 5000, T0 + 1000, follow=1, forward=1),  # ratio 5 -> cap
+                  rec_row(BIG_USER, 103, 1000, 0, f"{T0 + 2000}.0"),  # no duration
+                  rec_row(2, 104, "abc", 1000, T0 + 3000)],  # malformed playing time
+        src_rows=[src_row(1, 500, T0 + 5000, "[20, 34, 3]", 11, 1),
+                  src_row(1, 500, T0 + 5000, "[20, 34, 3]", 12, 0),
+                  src_row(1, 500, T0 + 5000, "[20, 34, 3]", 13, 2),
+                  src_row(BIG_USER, 501, T0 + 6000, "[]", 14, 0),
+                  src_row(BIG_USER, 501, T0 + 6000, "[]", 14, 1),  # shown twice: one candidate
+                  src_row(2, 502, T0 + 7000, "[5, x]", 15, 0),  # malformed keyword
+                  src_row(2, 503, T0 + 8000, "[5]", 16, 0)],
+        item_rows=[item_row(11, "[20, 7]", 900, 1, 2),
+                   item_row(12, "[]", 901, "1.0", ""),
+                   item_row(13, "[34, 8]", "", "", 3),
+                   item_row(13, "[99]", 902, 4, 4),  # duplicate id
+                   item_row(99, "[7]", 903, 5, 6),  # never referenced, still an item
+                   item_row(98, "[7, oops]", 903, 5, 6)],  # malformed caption
+        user_rows=[[1, 2, 3, 0, 1], [BIG_USER, "", "1.0", 1, 0], [1, 9, 9, 9, 9]],
+        raw={"rec_inter.csv": ["1,105,7"]})
+
+
+def _read(directory, encoder=None):
+    pipeline = TestPipeline(runner=RUNNER)
+    out = pipeline | kuaisar.ReadKuaiSAR(directory, text_encoder=encoder)
+    return pipeline, out
+
+
+def test_records_from_published_layout(tmp_path):
+    directory = _files(str(tmp_path))
+    pipeline, out = _read(directory)
+    assert_that(out["behaviours"], equal_to([
+        BehaviourRecord("1", "101", T0, F.SOURCE_FEED, (0.5, 1.0, 0.0, 0.0)),
+        BehaviourRecord("1", "102", T0 + 1000, F.SOURCE_FEED,
+                        (kuaisar.WATCH_RATIO_CAP, 0.0, 1.0, 1.0)),
+        BehaviourRecord(BIG_USER, "103", T0 + 2000, F.SOURCE_FEED, ZERO),
+        BehaviourRecord("1", "11", T0 + 5000, F.SOURCE_SEARCH, ZERO),
+        BehaviourRecord("1", "13", T0 + 5000, F.SOURCE_SEARCH, ZERO),
+        BehaviourRecord(BIG_USER, "14", T0 + 6000, F.SOURCE_SEARCH, ZERO),
+    ]), label="behaviours")
+    assert_that(out["requests"], equal_to([
+        RequestRecord("500", "1", T0 + 5000, (20, 34, 3), None, ("11", "12", "13"),
+                      {"click": [1.0, 0.0, 1.0]}),
+        RequestRecord("501", BIG_USER, T0 + 6000, (), None, ("14",), {"click": [1.0]}),
+        RequestRecord("503", "2", T0 + 8000, (5,), None, ("16",), {"click": [0.0]}),
+    ]), label="requests")
+    assert_that(out["items"], equal_to([
+        ItemRecord("11", "900", ("1", "2"), None, (20, 7)),
+        ItemRecord("12", "901", ("1",), None, ()),
+        ItemRecord("13", "", ("", "3"), None, (34, 8)),
+        ItemRecord("99", "903", ("5", "6"), None, (7,)),
+        # referenced but without (usable) metadata: bare records
+        *[ItemRecord(i, "", (), None, ()) for i in ("101", "102", "103", "14", "16")],
+    ]), label="items")
+    assert_that(out["users"], equal_to([
+        UserRecord("1", ("2", "3", "0", "1")),
+        UserRecord(BIG_USER, ("", "1", "1", "0")),
+    ]), label="users")
+    reasons = out["dead_letter"] | beam.Map(lambda d: (d.source, d.reason))
+    assert_that(reasons, equal_to([
+        ("rec_inter.csv", "bad_playing_time"), ("rec_inter.csv", "wrong_field_count"),
+        ("src_inter.csv", "bad_keyword"), ("item_features.csv", "duplicate_item"),
+        ("item_features.csv", "bad_caption"), ("user_features.csv", "duplicate_user"),
+    ]), label="dead_letter")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {r.key.metric.name: r.committed
+                for r in result.metrics().query()["counters"]
+                if r.key.metric.namespace == kuaisar.METRICS_NAMESPACE}
+    assert counters["items_without_metadata"] == 5
+    assert counters["watch_ratio_clipped"] == 1
+    assert counters["missing_duration"] == 1
+    assert counters["duplicate_candidates_merged"] == 1
+
+
+def test_dead_letters_keep_the_offending_row(tmp_path):
+    directory = _files(str(tmp_path))
+    pipeline, out = _read(directory)
+    assert_that(out["dead_letter"] | beam.Filter(lambda d: d.reason == "wrong_field_count"),
+                equal_to([DeadLetter("rec_inter.csv", "wrong_field_count", "1,105,7")]))
+    pipeline.run().wait_until_finish()
+
+
+def test_embeddings_come_from_the_text_encoder(tmp_path):
+    directory = _files(str(tmp_path))
+    table = np.zeros((4, 2), np.float32)
+    table[1], table[2], table[3] = [3.0, 4.0], [1.0, 0.0], [0.0, 1.0]
+    encoder = TextEncoder(np.array([20, 34, 7]), table)  # 20 -> (3,4), 34 -> x, 7 -> y
+    pipeline, out = _read(directory, encoder)
+
+    def check_items(items):
+        by_id = {i.item_id: i.embedding for i in items}
+        # caption [20, 7]: mean((3,4),(0,1)) = (1.5, 2.5) normalised
+        np.testing.assert_allclose(by_id["11"], np.array([1.5, 2.5]) / np.hypot(1.5, 2.5),
+                                   rtol=1e-6)
+        assert by_id["12"] == (0.0, 0.0)  # empty caption -> zero vector
+        assert by_id["14"] == (0.0, 0.0)  # no metadata -> zero vector
+        np.testing.assert_allclose(by_id["13"], [1.0, 0.0])  # token 8 unknown, 34 known
+
+    def check_requests(requests):
+        by_id = {r.request_id: r.query_embedding for r in requests}
+        expected = np.array([4.0, 4.0]) / 3 / np.linalg.norm(np.array([4.0, 4.0]) / 3)
+        np.testing.assert_allclose(by_id["500"], expected, rtol=1e-6)  # [20, 34, 3]
+        assert by_id["501"] == (0.0, 0.0)  # empty keyword
+
+    assert_that(out["items"], check_items, label="items")
+    assert_that(out["requests"], check_requests, label="requests")
+    pipeline.run().wait_until_finish()
+
+
+def test_session_with_two_keywords_becomes_two_requests(tmp_path):
+    directory = write_kuaisar(str(tmp_path), src_rows=[
+        src_row(1, 7, T0, "[1]", 11, 1), src_row(1, 7, T0 + 10, "[2]", 12, 0)])
+    pipeline, out = _read(directory)
+    assert_that(out["requests"] | beam.Map(lambda r: (r.request_id, r.query_tokens,
+                                                      r.candidate_item_ids)),
+                equal_to([("7#0", (1,), ("11",)), ("7#1", (2,), ("12",))]))
+    pipeline.run().wait_until_finish()
+
+
+def test_missing_user_features_is_allowed(tmp_path):
+    directory = write_kuaisar(str(tmp_path), rec_rows=[rec_row(1, 101, 1, 2, T0)],
+                              with_users=False)
+    pipeline, out = _read(directory)
+    assert_that(out["users"], equal_to([]), label="users")
+    assert_that(out["behaviours"] | beam.Map(lambda b: b.item_id), equal_to(["101"]))
+    pipeline.run().wait_until_finish()
+
+
+def test_validate_fails_fast_with_actionable_messages(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    canonical = tmp_path / "canonical"
+    canonical.mkdir()
+    pq.write_table(pa.table({"item_id": ["a"]}), str(canonical / "items.parquet"))
+    with pytest.raises(ValueError, match="needs rec_inter.csv.*--input-format canonical"):
+        kuaisar.validate(str(canonical))
+    directory = _files(str(tmp_path / "k"))
+    with open(f"{directory}/src_inter.csv", "w") as f:
+        f.write("user_id,session,keyword\n1,2,[3]\n")
+    with pytest.raises(ValueError, match=r"src_inter.csv: header lacks .*search_session_id"):
+        kuaisar.validate(directory)
+    pq.write_table(pa.table({"x": [1]}), f"{directory}/src_inter.csv")
+    with pytest.raises(ValueError, match="src_inter.csv"):
+        kuaisar.validate(directory)
+
+
+def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
+    rng = np.random.default_rng(0)
+    src, items = [], []
+    for item in range(40):  # two topics: caption tokens 100+/200+, queries 1-2 / 3-4
+        topic = item % 2
+        items.append(item_row(item, str([100 * (topic + 1) + int(t) for t in
+                                         rng.integers(0, 4, 3)]), 1, topic, topic))
+    for session in range(300):
+        topic = session % 2
+        clicked = int(rng.integers(0, 20)) * 2 + topic
+        other = int(rng.integers(0, 20)) * 2 + 1 - topic
+        keyword = str([1 + 2 * topic + int(rng.integers(0, 2))])
+        src += [src_row(1, session, T0 + session, keyword, clicked, 1),
+                src_row(1, session, T0 + session, keyword, other, 0)]
+    directory = write_kuaisar(str(tmp_path / "in"), src_rows=src, item_rows=items)
+    prepared = kuaisar.prepare(directory, str(tmp_path / "work"),
+                               {"embedding_dim": 8, "text_tower_epochs": 4,
+                                "text_tower_batch_size": 32, "seed": 1})
+    assert prepared["tasks"] == F.KUAISAR_TASKS
+    encoder = prepared["text_encoder"]
+    assert encoder.dim == 8 and set(prepared["query_vocab"]["token_id"]) >= {1, 2, 3, 4}
+    assert prepared["text_tower_stats"]["pairs_used"] == 300
+    assert (tmp_path / "work" / "text_encoder.npz").exists()
+    pipeline = TestPipeline(runner=RUNNER)
+    out = pipeline | kuaisar.ReadKuaiSAR(directory, **prepared)
+
+    def check(requests):
+        assert len(requests) == 300
+        for r in requests:
+            q = np.asarray(r.query_embedding)
+            assert abs(np.linalg.norm(q) - 1.0) < 1e-5
+            same = encoder.encode([100 * ((r.query_tokens[0] - 1) // 2 + 1)])
+            other = encoder.encode([100 * (2 - (r.query_tokens[0] - 1) // 2)])
+            assert q @ same > q @ other
+
+    assert_that(out["requests"], check)
+    pipeline.run().wait_until_finish()
