@@ -12,7 +12,7 @@ behaviours concentrate on a few interests (Dirichlet mixture), and most queries 
 the user's interests. Pass `--item-embeddings item_embeddings.npy` (written by preprocessing,
 e.g. on `preprocessing.synthetic` lifelong data) to draw behaviours from real item vectors
 instead. `--sweep` also compares a few ScaNN settings at the largest L (how the defaults in
-`Stage1Config` were chosen).
+`Stage1Config` were chosen). NumPy runs with one BLAS thread, like one request on one core.
 
 Example (about 3 minutes on 2 cores):
   python -m benchmarks.bench_stage1 --lengths 1000 10000 100000 --output bench_stage1.json
@@ -22,15 +22,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
+# One BLAS thread: a serving process answers one request per core, and multi-threaded OpenBLAS
+# on a busy 2-core machine is 10x slower per matrix-vector product, which would flatter ScaNN.
+# Set before NumPy loads; an explicit OPENBLAS_NUM_THREADS in the environment wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import serving  # noqa: F401  (import order: legacy Keras switch before TensorFlow loads)
-from common import features
-from serving.behaviour_index import Stage1Config, Stage1Searcher
+import numpy as np  # noqa: E402
+
+import serving  # noqa: E402,F401  (legacy Keras switch before TensorFlow loads)
+from common import features  # noqa: E402
+from serving.behaviour_index import Stage1Config, Stage1Searcher  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -125,7 +132,7 @@ def run(args) -> Dict:
         dim = table.shape[1]
         log(f"item embeddings {table.shape} from {args.item_embeddings}")
     else:
-        num_items = max(args.min_items, 2 * longest)
+        num_items = max(args.min_items, 10 * longest)
         table = clustered_items(rng, num_items, dim, args.topics, args.item_noise)
         log(f"clustered item table: {num_items} items, {args.topics} topics, D={dim}")
     topics = topics_of(table, rng, args.topics)
@@ -163,8 +170,9 @@ def run(args) -> Dict:
                                            "distinct_items_user0": stats["distinct_items_indexed"]}
         log(f"L={length}: exact p50 {exact['p50_ms']:.3f} ms, scann p50 {approx['p50_ms']:.3f} ms"
             f" (x{approx['speedup_p50']:.1f}), recall@{args.k1} {approx['recall_mean']:.4f}")
-        if args.sweep and length == longest:
-            results["sweep"] = sweep(table, histories, queries, args.k1, exact_rows, exact)
+        if args.sweep and length >= 10_000:
+            results.setdefault("sweep", {})[str(length)] = sweep(
+                table, histories, queries, args.k1, exact_rows, exact)
     return results
 
 
@@ -182,8 +190,10 @@ def scann_settings(searcher: Stage1Searcher, stats: Dict) -> Dict:
 
 SWEEP = {  # name -> Stage1Config overrides
     "leaves 10%": dict(leaves_to_search_fraction=0.1),
+    "leaves 20%, at least 8": dict(min_leaves_to_search=8),
+    "leaves 20%, at least 48": dict(min_leaves_to_search=48),
     "leaves 15%": dict(leaves_to_search_fraction=0.15),
-    "leaves 20% (default)": dict(),
+    "leaves 20%, at least 32 (default)": dict(),
     "leaves 30%": dict(leaves_to_search_fraction=0.3),
     "leaves 20%, reorder 8k": dict(reorder_multiplier=8.0, min_reorder=800),
     "2 x sqrt leaves, 20%": dict(leaves_per_sqrt_rows=2.0),
@@ -217,10 +227,10 @@ def markdown(results: Dict) -> str:
             f"{s['p99_ms']:.3f} | {s['speedup_p50']:.1f}x | {s['recall_mean']:.4f} "
             f"({s['recall_p5']:.2f}) | {e['build_s_per_user']:.3f} / {s['build_s_per_user']:.2f} "
             f"| {e['memory_mb_per_user']:.1f} / {s['memory_mb_per_user']:.1f} |")
-    if "sweep" in results:
-        lines += ["", "| ScaNN setting (largest L) | p50 ms | speed-up | recall@K1 | build s |",
-                  "|---|---|---|---|---|"]
-        for name, r in results["sweep"].items():
+    for length, sweep_results in results.get("sweep", {}).items():
+        lines += ["", f"| ScaNN setting at L = {int(length):,} | p50 ms | speed-up | recall@K1 |"
+                      " build s |", "|---|---|---|---|---|"]
+        for name, r in sweep_results.items():
             lines.append(f"| {name} | {r['p50_ms']:.3f} | {r['speedup_p50']:.1f}x | "
                          f"{r['recall_mean']:.4f} | {r['build_s_per_user']:.2f} |")
     return "\n".join(lines)
@@ -242,11 +252,11 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--query-noise", type=float, default=0.12,
                         help="per-dimension noise of a query around an item of its topic")
     parser.add_argument("--min-items", type=int, default=20_000,
-                        help="catalogue size at least this (default: also >= 2 x max L, so "
+                        help="catalogue size at least this (default: also >= 10 x max L, so "
                              "histories are mostly distinct items, ScaNN's hardest case)")
     parser.add_argument("--item-embeddings", help="item_embeddings.npy to draw behaviours from")
     parser.add_argument("--sweep", action="store_true",
-                        help="also compare ScaNN settings at the largest L")
+                        help="also compare ScaNN settings at every L >= 10^4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the figures as JSON here")
     args = parser.parse_args(argv)

@@ -83,7 +83,7 @@ class Stage1Config:
     # leaves_to_search_fraction of the leaves (at least min_leaves_to_search).
     leaves_per_sqrt_rows: float = 1.0
     leaves_to_search_fraction: float = 0.2
-    min_leaves_to_search: int = 8
+    min_leaves_to_search: int = 32
     # Asymmetric hashing (anisotropic quantization, the ScaNN paper's score-aware loss).
     ah_dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
