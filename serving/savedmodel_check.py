@@ -199,15 +199,13 @@ def compare(expected: Mapping[str, np.ndarray], actual: Optional[Mapping[str, np
     return worst, problems
 
 
-def verify(export_dir: str, signature_fns: Mapping[str, Any], calls: Sequence[Call],
-           multi: Optional[Tuple[Sequence[str], np.ndarray]] = None, atol: float = 1e-5,
-           timeout_s: float = 300.0) -> Dict[str, Any]:
-    """Runs `calls` in-process and in a clean TensorFlow process (TF2 and session paths) and
-    raises SavedModelMismatch unless everything agrees within `atol` and the graph needs only
-    stock ops and no project code. Returns a summary (max difference, seconds, op count)."""
-    start = time.time()
+def check_run(run: CleanRun, signature_fns: Mapping[str, Any], calls: Sequence[Call],
+              multi: Optional[Tuple[Sequence[str], np.ndarray]] = None, atol: float = 1e-5,
+              where: str = "the SavedModel") -> Dict[str, Any]:
+    """Raises SavedModelMismatch unless `run` (from `run_clean` with the same calls and multi)
+    reproduces the in-process `signature_fns` within `atol` on both paths and needed only
+    stock ops and no project code. Returns a summary (max difference, op count)."""
     expected = reference_outputs(signature_fns, calls)
-    run = run_clean(export_dir, calls, multi=multi, timeout_s=timeout_s)
     problems = list(run.errors)
     if run.forbidden_modules:
         problems.append(f"the clean process imported {run.forbidden_modules}")
@@ -232,7 +230,18 @@ def verify(export_dir: str, signature_fns: Mapping[str, Any], calls: Sequence[Ca
                 diff, issues = compare(exp, got, atol, f"multi {name}")
                 worst, problems = max(worst, diff), problems + issues
     if problems:
-        raise SavedModelMismatch(f"{export_dir} does not reproduce the in-process model:\n  "
+        raise SavedModelMismatch(f"{where} does not reproduce the in-process model:\n  "
                                  + "\n  ".join(problems))
     return {"max_abs_difference": worst, "calls": len(calls), "op_types": len(run.op_types),
-            "clean_process_seconds": run.seconds, "seconds": time.time() - start}
+            "clean_process_seconds": run.seconds}
+
+
+def verify(export_dir: str, signature_fns: Mapping[str, Any], calls: Sequence[Call],
+           multi: Optional[Tuple[Sequence[str], np.ndarray]] = None, atol: float = 1e-5,
+           timeout_s: float = 300.0) -> Dict[str, Any]:
+    """`run_clean` + `check_run`: the save -> reload -> same outputs check of one version."""
+    start = time.time()
+    run = run_clean(export_dir, calls, multi=multi, timeout_s=timeout_s)
+    summary = check_run(run, signature_fns, calls, multi, atol, where=export_dir)
+    summary["seconds"] = time.time() - start
+    return summary
