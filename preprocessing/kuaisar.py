@@ -204,13 +204,6 @@ def _iter_csv(path: str, header: Sequence[str]) -> Iterable[Dict[str, str]]:
                 yield dict(zip(header, fields))
 
 
-def _option(options, name, default=None):
-    if options is None:
-        return default
-    value = options.get(name) if isinstance(options, dict) else getattr(options, name, None)
-    return default if value is None else value
-
-
 def click_pairs(input_dir: str, headers: Dict[str, List[str]], progress_every: int = 1_000_000):
     """(keyword tokens, clicked item caption tokens) pairs and their item ids, from src_inter
     and item_features, plus counts of what could not be used."""
@@ -285,7 +278,13 @@ class ParseCsvRows(beam.DoFn):
     def __init__(self, source: str, header: Sequence[str]):
         self.source, self.header = source, list(header)
 
-    def process(self, line: str):
+    def process(self, raw: bytes):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(self.source, "not_utf8",
+                                                                   repr(raw)))
+            return
         if not line.strip():
             _counter(f"{self.source}:blank_lines").inc()
             return
@@ -506,7 +505,8 @@ class ReadKuaiSAR(beam.PTransform):
         label = name.split(".")[0]
         return (pbegin
                 | f"Read_{label}" >> beam.io.ReadFromText(os.path.join(self.input_dir, name),
-                                                          skip_header_lines=1)
+                                                          skip_header_lines=1,
+                                                          coder=beam.coders.BytesCoder())
                 | f"Split_{label}" >> beam.ParDo(ParseCsvRows(name, self.headers[name]))
                 .with_outputs(DEAD_LETTER, main="rows"))
 

@@ -5,7 +5,7 @@ import pytest
 
 import common  # noqa: F401
 import apache_beam as beam
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from common import features as F
@@ -45,7 +45,7 @@ def _files(directory):
 
 
 def _read(directory, encoder=None):
-    pipeline = TestPipeline(runner=RUNNER)
+    pipeline = test_pipeline.TestPipeline(runner=RUNNER)
     out = pipeline | kuaisar.ReadKuaiSAR(directory, text_encoder=encoder)
     return pipeline, out
 
@@ -193,7 +193,7 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
     assert encoder.dim == 8 and set(prepared["query_vocab"]["token_id"]) >= {1, 2, 3, 4}
     assert prepared["text_tower_stats"]["pairs_used"] == 300
     assert (tmp_path / "work" / "text_encoder.npz").exists()
-    pipeline = TestPipeline(runner=RUNNER)
+    pipeline = test_pipeline.TestPipeline(runner=RUNNER)
     out = pipeline | kuaisar.ReadKuaiSAR(directory, **prepared)
 
     def check(requests):

@@ -1,0 +1,170 @@
+"""JDsearch reader: records produced from tiny files in the published layout, on Beam's
+in-process runner."""
+import numpy as np
+import pytest
+
+import common  # noqa: F401
+import apache_beam as beam
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from common import features as F
+from preprocessing import jdsearch
+from preprocessing.records import BehaviourRecord, ItemRecord, RequestRecord
+from tests.public_format_files import jd_line, jd_product, write_jdsearch
+
+RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+B, S = jdsearch.BASE_TIME_MS, jdsearch.TIME_UNIT_MS
+BIG = "98765432109876543210"  # 20 digits, larger than int64: must stay an exact string
+E = jdsearch.ENGAGEMENT_BY_TYPE
+
+LINES = [
+    jd_line([11, 12], [BIG, "200", "201", "202"], [1, 0, 3, 2],
+            history=[(None, "300", "CLICK"), ([11, 13], "301", "ORD"), ([14], "200", "FLW")],
+            gaps=[0, 5, 7, 3]),
+    jd_line([15], ["203"], [0], history=[], gaps=[5]),  # empty history
+    jd_line([1], ["1"], [0], history=[(None, "1", "CLICK")], gaps=[0, 1]).replace(
+        "\t1\tCLICK", "\t1_2\tCLICK"),  # ragged history lists
+    "only\ttwo",
+    jd_line([1], ["1", "2"], [0], history=[], gaps=[0]).replace("0.0", "0.0_1.0_0.0"),
+    jd_line([], [], [], history=[(None, "204", "CART")], gaps=[0, 9]),  # history-only user
+    jd_line([1], ["1"], [0], history=[(None, "2", "VIEW")], gaps=[0, 1]),
+    jd_line([1], ["1"], [5], history=[], gaps=[0]),
+]
+PRODUCTS = [jd_product("200", [11, 21], "b1", "1", "2"),
+            jd_product("201", [13], "", "", "3"),
+            jd_product("300", [16], "b3", "4", "5"),
+            jd_product("300", [17], "b0", "4", "5"),  # duplicate wid
+            jd_product("999", [18], "b9", "6", "7"),  # never referenced, still an item
+            "300\tbroken"]
+
+
+def _read(directory, encoder=None):
+    pipeline = test_pipeline.TestPipeline(runner=RUNNER)
+    return pipeline, pipeline | jdsearch.ReadJDsearch(directory, text_encoder=encoder)
+
+
+def test_records_from_published_layout(tmp_path):
+    directory = write_jdsearch(str(tmp_path), LINES, PRODUCTS)
+    pipeline, out = _read(directory)
+    t = B + 15 * S
+    assert_that(out["requests"], equal_to([
+        RequestRecord("r2", "u2", t, (11, 12), None, (BIG, "200", "201", "202"),
+                      {"click": [1.0, 0.0, 1.0, 1.0], "cart": [0.0, 0.0, 1.0, 1.0],
+                       "purchase": [0.0, 0.0, 1.0, 0.0]}),
+        RequestRecord("r3", "u3", B + 5 * S, (15,), None, ("203",),
+                      {"click": [0.0], "cart": [0.0], "purchase": [0.0]}),
+    ]), label="requests")
+    assert_that(out["behaviours"], equal_to([
+        BehaviourRecord("u2", "300", B, F.SOURCE_FEED, E["CLICK"]),
+        BehaviourRecord("u2", "301", B + 5 * S, F.SOURCE_SEARCH, E["ORD"]),
+        BehaviourRecord("u2", "200", B + 12 * S, F.SOURCE_SEARCH, E["FLW"]),
+        BehaviourRecord("u2", BIG, t, F.SOURCE_SEARCH, (1.0, 0.0, 0.0, 0.0)),
+        BehaviourRecord("u2", "201", t, F.SOURCE_SEARCH, (1.0, 1.0, 1.0, 1.0)),
+        BehaviourRecord("u2", "202", t, F.SOURCE_SEARCH, (1.0, 1.0, 1.0, 0.0)),
+        BehaviourRecord("u7", "204", B, F.SOURCE_FEED, E["CART"]),
+    ]), label="behaviours")
+    assert_that(out["items"], equal_to([
+        ItemRecord("200", "b1", ("1", "2"), None, (11, 21)),
+        ItemRecord("201", "", ("", "3"), None, (13,)),
+        ItemRecord("300", "b3", ("4", "5"), None, (16,)),  # first row by text wins
+        ItemRecord("999", "b9", ("6", "7"), None, (18,)),
+        *[ItemRecord(w, "", (), None, ()) for w in (BIG, "202", "203", "204", "301")],
+    ]), label="items")
+    assert_that(out["users"], equal_to([]), label="users")
+    assert_that(out["dead_letter"] | beam.Map(lambda d: (d.source, d.reason, d.row[:7])),
+                equal_to([
+                    ("user_behavior_data.txt", "history_length_mismatch", "line 4:"),
+                    ("user_behavior_data.txt", "wrong_field_count", "line 5:"),
+                    ("user_behavior_data.txt", "candidate_label_length_mismatch", "line 6:"),
+                    ("user_behavior_data.txt", "unknown_behaviour_type", "line 8:"),
+                    ("user_behavior_data.txt", "bad_label", "line 9:"),
+                    ("product_meta_data.txt", "duplicate_item", "300\t17\t"),
+                    ("product_meta_data.txt", "wrong_field_count", "300\tbro"),
+                ]), label="dead_letter")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {r.key.metric.name: r.committed for r in result.metrics().query()["counters"]
+                if r.key.metric.namespace == jdsearch.METRICS_NAMESPACE}
+    assert counters["items_without_metadata"] == 5
+    assert counters["lines_without_request"] == 1
+    assert counters["requests_without_positive"] == 1
+
+
+def test_headerless_release_file_and_non_utf8_line(tmp_path):
+    bad = b"\xff\xfe\tx\n"
+    directory = write_jdsearch(str(tmp_path), LINES[:2], PRODUCTS[:2], header=False)
+    with open(f"{directory}/user_behavior_data.txt", "ab") as f:
+        f.write(bad)
+    pipeline, out = _read(directory)
+    assert_that(out["requests"] | beam.Map(lambda r: (r.request_id, r.user_id)),
+                equal_to([("r1", "u1"), ("r2", "u2")]), label="ids")
+    assert_that(out["dead_letter"] | beam.Map(lambda d: d.reason), equal_to(["not_utf8"]),
+                label="dead")
+    pipeline.run().wait_until_finish()
+
+
+def test_term_ids_and_huge_terms():
+    assert jdsearch.parse_terms("12\x1834\x18") == (12, 34)
+    huge = "9" * 30
+    value = jdsearch.term_id(huge)
+    assert 0 <= value < 2 ** 63 and value == jdsearch.term_id(huge)
+
+
+def test_validate_fails_fast_with_actionable_messages(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    canonical = tmp_path / "canonical"
+    canonical.mkdir()
+    pq.write_table(pa.table({"item_id": ["a"]}), str(canonical / "requests.parquet"))
+    with pytest.raises(ValueError, match="needs user_behavior_data.txt.*--input-format canonical"):
+        jdsearch.validate(str(canonical))
+    directory = write_jdsearch(str(tmp_path / "jd"), LINES[:1], PRODUCTS[:1])
+    with open(f"{directory}/product_meta_data.txt", "w") as f:
+        f.write("wid,name,brand\n1,2,3\n")
+    with pytest.raises(ValueError, match="product_meta_data.txt: first line is neither"):
+        jdsearch.validate(directory)
+    pq.write_table(pa.table({"x": [1]}), f"{directory}/user_behavior_data.txt")
+    with pytest.raises(ValueError, match="user_behavior_data.txt"):
+        jdsearch.validate(directory)
+
+
+def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
+    rng = np.random.default_rng(0)
+    products = [jd_product(str(w), [100 * (w % 2 + 1) + int(t) for t in rng.integers(0, 4, 3)],
+                           "b", "c", "d") for w in range(40)]
+    lines = []
+    for n in range(150):
+        topic = n % 2
+        query = [1 + 2 * topic + int(rng.integers(0, 2))]
+        clicked = str(int(rng.integers(0, 20)) * 2 + topic)
+        other = str(int(rng.integers(0, 20)) * 2 + 1 - topic)
+        history_item = str(int(rng.integers(0, 20)) * 2 + topic)
+        lines.append(jd_line(query, [clicked, other], [1, 0],
+                             history=[(query, history_item, "CLICK")], gaps=[0, 3]))
+    directory = write_jdsearch(str(tmp_path / "in"), lines, products)
+    prepared = jdsearch.prepare(directory, str(tmp_path / "work"),
+                                {"embedding_dim": 8, "text_tower_epochs": 4,
+                                 "text_tower_batch_size": 32, "seed": 1})
+    assert prepared["tasks"] == F.JDSEARCH_TASKS
+    assert prepared["text_tower_stats"]["pairs_used"] == 300  # history search + candidate clicks
+    encoder = prepared["text_encoder"]
+    pipeline = test_pipeline.TestPipeline(runner=RUNNER)
+    out = pipeline | jdsearch.ReadJDsearch(directory, **prepared)
+
+    def check(requests):
+        assert len(requests) == 150
+        for r in requests:
+            q = np.asarray(r.query_embedding)
+            topic = (r.query_tokens[0] - 1) // 2
+            assert q @ encoder.encode([100 * (topic + 1)]) > q @ encoder.encode([100 * (2 - topic)])
+
+    def check_items(items):
+        assert len(items) == 40
+        for item in items:
+            assert abs(np.linalg.norm(item.embedding) - 1.0) < 1e-5
+
+    assert_that(out["requests"], check, label="requests")
+    assert_that(out["items"], check_items, label="items")
+    pipeline.run().wait_until_finish()
