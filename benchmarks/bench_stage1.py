@@ -88,6 +88,40 @@ def queries_for(rng, table, items_by_topic, liked, count: int, noise: float) -> 
     return np.asarray(out, np.float32)
 
 
+def synthetic_world(num_items: int, seed: int):
+    """Item table, item topics and a query maker from `preprocessing.synthetic`'s generative
+    model (topic/subtopic latent vectors, noisy content embeddings, queries = normalised mean of
+    topic and generic word embeddings), with a catalogue of `num_items` items."""
+    try:
+        from preprocessing import synthetic
+    except ImportError as err:
+        raise SystemExit(f"--synthetic-items needs preprocessing.synthetic: {err}")
+    cfg = synthetic.GeneratorConfig(items=num_items, seed=seed)
+    world = synthetic.build_world(cfg)
+    table = np.vstack([np.zeros((1, cfg.embedding_dim)), world.item_embedding]).astype(np.float32)
+    # The benchmark's row k + 1 is the world's item k (row 0 = unknown), topics are 1-based.
+    topics = np.concatenate([[0], world.item_topic + 1]).astype(np.int64)
+    words, vocab = world.vocab_words, world.vocab_embeddings
+    topic_words = cfg.words_per_topic
+    generic = np.arange(cfg.topics * topic_words, len(words))
+
+    def make_queries(rng, liked, count):
+        out = []
+        for _ in range(count):
+            # Topics are 1-based here; 60% of queries are about one of the user's interests,
+            # like the generator's query_topic_share.
+            topic = (int(rng.choice(liked)) if rng.random() < cfg.query_topic_share
+                     else int(rng.integers(1, cfg.topics + 1))) - 1
+            tokens = list(topic * topic_words + rng.choice(topic_words, rng.integers(1, 3),
+                                                           replace=False))
+            tokens += list(rng.choice(generic, rng.integers(0, 3), replace=False))
+            vector = vocab[tokens].mean(axis=0)
+            out.append(vector / np.linalg.norm(vector))
+        return np.asarray(out, np.float32)
+
+    return table, topics, make_queries
+
+
 def percentiles(samples_s: List[float]) -> Dict[str, float]:
     ms = np.asarray(samples_s) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
@@ -127,7 +161,13 @@ def run(args) -> Dict:
     rng = np.random.default_rng(args.seed)
     dim = features.DEFAULT_EMBEDDING_DIM
     longest = max(args.lengths)
-    if args.item_embeddings:
+    query_maker = None
+    if args.synthetic_items:
+        table, topics, query_maker = synthetic_world(args.synthetic_items, args.seed)
+        dim = table.shape[1]
+        log(f"preprocessing.synthetic world: {args.synthetic_items} items, "
+            f"{int(topics.max())} topics, D={dim}")
+    elif args.item_embeddings:
         table = np.load(args.item_embeddings).astype(np.float32)
         dim = table.shape[1]
         log(f"item embeddings {table.shape} from {args.item_embeddings}")
@@ -135,11 +175,14 @@ def run(args) -> Dict:
         num_items = max(args.min_items, 10 * longest)
         table = clustered_items(rng, num_items, dim, args.topics, args.item_noise)
         log(f"clustered item table: {num_items} items, {args.topics} topics, D={dim}")
-    topics = topics_of(table, rng, args.topics)
+    if not args.synthetic_items:
+        topics = topics_of(table, rng, args.topics)
+    num_topics = int(topics.max()) + 1
     order = np.argsort(topics[1:], kind="stable") + 1
-    bounds = np.searchsorted(topics[order], np.arange(args.topics + 1))
-    items_by_topic = [order[bounds[t]:bounds[t + 1]] for t in range(args.topics)]
+    bounds = np.searchsorted(topics[order], np.arange(num_topics + 1))
+    items_by_topic = [order[bounds[t]:bounds[t + 1]] for t in range(num_topics)]
     items_by_topic = [t for t in items_by_topic if len(t)]
+    interests = min(args.interests, len(items_by_topic))
 
     exact_config = Stage1Config(scann_min_history=2**62)
     scann_config = dataclasses.replace(Stage1Config(), scann_min_history=16)
@@ -150,11 +193,11 @@ def run(args) -> Dict:
         log(f"L={length}: generating {args.users} users")
         histories, queries, liked = {}, {}, {}
         for u in range(args.users):
-            items, times, interests = user_history(rng, topics, items_by_topic, length,
-                                                   args.interests)
+            items, times, liked = user_history(rng, topics, items_by_topic, length, interests)
             histories[f"user{u}"] = (items, times)
-            queries[f"user{u}"] = queries_for(rng, table, items_by_topic, interests,
-                                              args.queries, args.query_noise)
+            queries[f"user{u}"] = (query_maker(rng, liked, args.queries) if query_maker else
+                                   queries_for(rng, table, items_by_topic, liked, args.queries,
+                                               args.query_noise))
         log(f"L={length}: exact")
         exact, exact_searcher = measure(table, histories, queries, args.k1, exact_config, None)
         exact_rows = {u: [exact_searcher.top_k(u, q, args.k1).rows for q in queries[u]]
@@ -255,6 +298,10 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="catalogue size at least this (default: also >= 10 x max L, so "
                              "histories are mostly distinct items, ScaNN's hardest case)")
     parser.add_argument("--item-embeddings", help="item_embeddings.npy to draw behaviours from")
+    parser.add_argument("--synthetic-items", type=int, default=0,
+                        help="use preprocessing.synthetic's world (item embeddings, topics, "
+                             "query words) with this many items instead of the built-in "
+                             "clusters")
     parser.add_argument("--sweep", action="store_true",
                         help="also compare ScaNN settings at every L >= 10^4")
     parser.add_argument("--seed", type=int, default=0)

@@ -414,3 +414,40 @@ def test_features_follow_rows_through_out_of_order_appends_and_are_checked(data)
     searcher.set_history("w", [1], [1])
     with pytest.raises(ValueError, match="no behaviour features"):
         serving_long_term(searcher.top_k("w", table[1], 1), 5)
+
+
+# ---- training/serving consistency: the index answers exactly what preprocessing computes ----
+def test_exact_index_equals_the_shared_stage1_reference(data):
+    from common.relevance import stage1_top_k
+
+    rng, table, centres = data
+    items, times = history(rng, 3000, 300)  # 300 items: many re-watched behaviours (ties)
+    items[::97] = 0  # some unknown items (zero vectors)
+    for config in (Stage1Config(), small_scann_config()):  # row-exact and item-exact paths
+        searcher = Stage1Searcher(table, config)
+        searcher.set_history("u", items, times)
+        for trial in range(12):
+            query = centres[trial] + 0.3 * rng.normal(size=DIM)
+            before = int(times[rng.integers(100, 3000)])
+            threshold = (None, 0.2, 0.9)[trial % 3]
+            got = searcher.top_k("u", query, 100, before_ms=before, threshold=threshold)
+            assert got.backend == "exact"
+            visible = int(np.sum(times < before))
+            most_recent_first = table[items[:visible][::-1]]
+            want = stage1_top_k(query, most_recent_first, 100, threshold)
+            np.testing.assert_array_equal(got.positions, want)
+            np.testing.assert_array_equal(got.rows, reference_top_k(table, items, times, query,
+                                                                    100, before, threshold))
+
+
+def test_stage1_reference_semantics():
+    from common.relevance import stage1_top_k
+
+    behaviours = np.array([[1, 0], [0, 1], [2, 0], [0, 0], [1, 1]], np.float32)
+    assert stage1_top_k([1, 0], behaviours, 2).tolist() == [0, 2], "tie: most recent first"
+    assert stage1_top_k([1, 0], behaviours, 3).tolist() == [0, 2, 4]
+    assert stage1_top_k([1, 0], behaviours, 9, threshold=0.5).tolist() == [0, 2, 4]
+    assert stage1_top_k([0, 0], behaviours, 2).tolist() == [0, 1], "zero query: recency"
+    assert stage1_top_k([1, 0], behaviours[:0], 5).tolist() == []
+    with pytest.raises(ValueError):
+        stage1_top_k([1, 0, 0], behaviours, 2)
