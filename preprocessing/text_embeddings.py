@@ -268,7 +268,7 @@ def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
     total_steps = min(config.max_steps, steps_per_epoch * config.epochs)
     dataset = (tf.data.Dataset.from_tensor_slices(data)
                .shuffle(len(queries), seed=config.seed, reshuffle_each_iteration=True)
-               .repeat(config.epochs).batch(config.batch_size).take(total_steps))
+               .batch(config.batch_size).repeat(config.epochs).take(total_steps))
     model = TwoTower()
     optimizer = tf.keras.optimizers.Adam(config.learning_rate)
 
