@@ -98,6 +98,16 @@ def choose_strategy(kind: str = "auto") -> tf.distribute.Strategy:
     return strategy
 
 
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """A readable name (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "MirroredStrategy"
+    return "default" if not tf.distribute.has_strategy() and strategy is \
+        tf.distribute.get_strategy() else type(strategy).__name__
+
+
 def writable_dir(directory: str, strategy: tf.distribute.Strategy) -> str:
     """`directory` on the chief; a private temporary directory on other workers.
 

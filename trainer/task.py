@@ -424,7 +424,7 @@ def train(args) -> dict:
         "resumed_at_epoch": (progress.start_epoch or 0) + 1 if progress.start_step else 0,
         "best_epoch": state["best_epoch"], "best_eval_gauc": state["best_gauc"],
         "stopped_early": bool(state.get("stopped_early")),
-        "replicas": replicas, "strategy": type(strategy).__name__,
+        "replicas": replicas, "strategy": distribution.strategy_name(strategy),
         "mixed_precision": bool(args.mixed_precision), "train_seconds_this_run": elapsed,
         "train_loss_this_run": [float(x) for x in history.history.get("loss", [])],
         "history": state["history"],
