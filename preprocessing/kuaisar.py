@@ -130,13 +130,13 @@ def parse_flag(value: str, what: str) -> float:
 
 
 def parse_token_list(value: Optional[str], what: str) -> Tuple[int, ...]:
-    """Token ids from "[20, 34, 3]" (also "20 34 3", "[]" or missing -> ())."""
+    """Token ids from "[20, 34, 3]" (also "['20', '34']", "20 34 3"; "[]" or missing -> ())."""
     if value is None or value.strip().lower() in _MISSING:
         return ()
     body = value.strip()
     if body.startswith("[") and body.endswith("]"):
         body = body[1:-1]
-    parts = [p for p in re.split(r"[,\s]+", body) if p]
+    parts = [p.strip("'\"") for p in re.split(r"[,\s]+", body) if p]
     try:
         return tuple(parse_int(p, what) for p in parts)
     except ValueError:

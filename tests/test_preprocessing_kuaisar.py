@@ -26,14 +26,15 @@ def _files(directory):
         rec_rows=[rec_row(1, 101, 5000, 10000, T0, like=1),
                   rec_row(1, 102, 25000, 5000, T0 + 1000, follow=1, forward=1),  # ratio 5 -> cap
                   rec_row(BIG_USER, 103, 1000, 0, f"{T0 + 2000}.0"),  # no duration
-                  rec_row(2, 104, "abc", 1000, T0 + 3000)],  # malformed playing time
+                  rec_row(2, 104, "abc", 1000, T0 + 3000),  # malformed playing time
+                  rec_row(2, 106, 15000, 10000, T0 + 4000)],  # ratio 1.5: above 1, kept
         src_rows=[src_row(1, 500, T0 + 5000, "[20, 34, 3]", 11, 1),
                   src_row(1, 500, T0 + 5000, "[20, 34, 3]", 12, 0),
                   src_row(1, 500, T0 + 5000, "[20, 34, 3]", 13, 2),
                   src_row(BIG_USER, 501, T0 + 6000, "[]", 14, 0),
                   src_row(BIG_USER, 501, T0 + 6000, "[]", 14, 1),  # shown twice: one candidate
                   src_row(2, 502, T0 + 7000, "[5, x]", 15, 0),  # malformed keyword
-                  src_row(2, 503, T0 + 8000, "[5]", 16, 0)],
+                  src_row(2, 503, T0 + 8000, "['5']", 16, 0)],
         item_rows=[item_row(11, "[20, 7]", 900, 1, 2),
                    item_row(12, "[]", 901, "1.0", ""),
                    item_row(13, "[34, 8]", "", "", 3),
@@ -58,6 +59,7 @@ def test_records_from_published_layout(tmp_path):
         BehaviourRecord("1", "102", T0 + 1000, F.SOURCE_FEED,
                         (kuaisar.WATCH_RATIO_CAP, 0.0, 1.0, 1.0)),
         BehaviourRecord(BIG_USER, "103", T0 + 2000, F.SOURCE_FEED, ZERO),
+        BehaviourRecord("2", "106", T0 + 4000, F.SOURCE_FEED, (1.5, 0.0, 0.0, 0.0)),
         BehaviourRecord("1", "11", T0 + 5000, F.SOURCE_SEARCH, ZERO),
         BehaviourRecord("1", "13", T0 + 5000, F.SOURCE_SEARCH, ZERO),
         BehaviourRecord(BIG_USER, "14", T0 + 6000, F.SOURCE_SEARCH, ZERO),
@@ -74,7 +76,7 @@ def test_records_from_published_layout(tmp_path):
         ItemRecord("13", "", ("", "3"), None, (34, 8)),
         ItemRecord("99", "903", ("5", "6"), None, (7,)),
         # referenced but without (usable) metadata: bare records
-        *[ItemRecord(i, "", (), None, ()) for i in ("101", "102", "103", "14", "16")],
+        *[ItemRecord(i, "", (), None, ()) for i in ("101", "102", "103", "106", "14", "16")],
     ]), label="items")
     assert_that(out["users"], equal_to([
         UserRecord("1", ("2", "3", "0", "1")),
@@ -91,7 +93,7 @@ def test_records_from_published_layout(tmp_path):
     counters = {r.key.metric.name: r.committed
                 for r in result.metrics().query()["counters"]
                 if r.key.metric.namespace == kuaisar.METRICS_NAMESPACE}
-    assert counters["items_without_metadata"] == 5
+    assert counters["items_without_metadata"] == 6
     assert counters["watch_ratio_clipped"] == 1
     assert counters["missing_duration"] == 1
     assert counters["duplicate_candidates_merged"] == 1
