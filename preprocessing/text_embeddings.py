@@ -88,7 +88,10 @@ class TextTowerConfig:
 
         config = cls()
         for field in dataclasses.fields(cls):
-            for key in (field.name, f"text_tower_{field.name}"):
+            # Only the two dataset-wide settings are read unprefixed: a generic `epochs` or
+            # `batch_size` of the caller must not silently configure this tower.
+            shared = (field.name,) if field.name in ("embedding_dim", "seed") else ()
+            for key in shared + (f"text_tower_{field.name}",):
                 value = get(key)
                 if value is not None:
                     setattr(config, field.name, type(getattr(config, field.name))(value))

@@ -96,7 +96,8 @@ def test_encoder_round_trips_and_exposes_the_query_vocabulary(trained, tmp_path)
 
 def test_options_are_read_and_validated():
     config = TextTowerConfig.from_options({"embedding_dim": 8, "text_tower_epochs": 2,
-                                           "seed": 3, "unrelated": 1})
+                                           "seed": 3, "batch_size": 1})
     assert (config.embedding_dim, config.epochs, config.seed) == (8, 2, 3)
+    assert config.batch_size == TextTowerConfig().batch_size  # the caller's own batch size
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         TextTowerConfig.from_options({"text_tower_epochs": 0})
