@@ -269,7 +269,9 @@ class RankingModel(tfrs.models.Model):
                 labels=labels, predictions=tf.reshape(logits[task], [-1, 1]),
                 sample_weight=mask, training=training)
             total += self.config.loss_weight(task) * task_loss / num_valid
-        return total
+        # Under a multi-replica strategy gradients are summed across replicas: scale the
+        # per-replica mean so the update matches single-device training.
+        return total / tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings
