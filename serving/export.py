@@ -70,6 +70,38 @@ def leftover_temp_dirs(model_root: str) -> List[str]:
     return sorted(n for n in os.listdir(model_root) if n.startswith(TMP_PREFIX))
 
 
+def resolve_version(base_path: str, model_name: str, version: Optional[int] = None):
+    """(model root, version, final version dir) after checking the export can go there.
+
+    Raises ExportError for a remote base path (no atomic rename), a model name that is not a
+    plain folder name, a non-positive version, or a version that already exists.
+    """
+    if "://" in base_path:
+        raise ExportError(f"--base-path {base_path!r} is remote; only a local or mounted "
+                          "filesystem gives an atomic rename. Export locally, then copy the "
+                          "version folder under a non-numeric name and rename it in place.")
+    if not re.match(r"^[A-Za-z0-9_.-]+$", model_name):
+        raise ExportError(f"--model-name {model_name!r} must be a plain folder name")
+    model_root = os.path.join(os.path.abspath(base_path), model_name)
+    if version is None:
+        version = next_version(model_root)
+    if version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    final_dir = os.path.join(model_root, str(version))
+    if os.path.exists(final_dir):
+        raise ExportError(f"{final_dir} already exists: versions are immutable; omit --version "
+                          f"to take the next one ({next_version(model_root)})")
+    return model_root, version, final_dir
+
+
+def check_warmup_requests(count: int) -> None:
+    if count < 0 or count * W.RECORDS_PER_REQUEST > W.MAX_WARMUP_RECORDS:
+        raise ExportError(f"--warmup-requests must be within 0..."
+                          f"{W.MAX_WARMUP_RECORDS // W.RECORDS_PER_REQUEST} (TF Serving reads at "
+                          f"most {W.MAX_WARMUP_RECORDS} records, {W.RECORDS_PER_REQUEST} per "
+                          f"request)")
+
+
 def export_model(model, metadata: F.DatasetMetadata, base_path: str, model_name: str = "qin",
                  version: Optional[int] = None, sample_requests: Sequence[bytes] = (),
                  warmup_requests: int = DEFAULT_WARMUP_REQUESTS, verify: bool = True,
@@ -80,30 +112,12 @@ def export_model(model, metadata: F.DatasetMetadata, base_path: str, model_name:
     first `warmup_requests` of them become the warmup file, and they drive verification.
     Returns a summary dict (export_dir, version, signatures, warmup_records, verification).
     """
-    if "://" in base_path:
-        raise ExportError(f"--base-path {base_path!r} is remote; only a local or mounted "
-                          "filesystem gives an atomic rename. Export locally, then copy the "
-                          "version folder under a non-numeric name and rename it in place.")
-    if not re.match(r"^[A-Za-z0-9_.-]+$", model_name):
-        raise ExportError(f"--model-name {model_name!r} must be a plain folder name")
-    if warmup_requests < 0 or warmup_requests * W.RECORDS_PER_REQUEST > W.MAX_WARMUP_RECORDS:
-        raise ExportError(f"--warmup-requests must be within 0..."
-                          f"{W.MAX_WARMUP_RECORDS // W.RECORDS_PER_REQUEST} (TF Serving reads at "
-                          f"most {W.MAX_WARMUP_RECORDS} records, {W.RECORDS_PER_REQUEST} per "
-                          f"request)")
+    model_root, version, final_dir = resolve_version(base_path, model_name, version)
+    check_warmup_requests(warmup_requests)
     if (warmup_requests or verify) and not sample_requests:
         raise ExportError("warmup and verification need sample requests; pass "
                           "--warmup-requests 0 --no-verify to export without them")
-    model_root = os.path.join(os.path.abspath(base_path), model_name)
     os.makedirs(model_root, exist_ok=True)
-    if version is None:
-        version = next_version(model_root)
-    if version < 1:
-        raise ExportError(f"--version must be a positive integer, got {version}")
-    final_dir = os.path.join(model_root, str(version))
-    if os.path.exists(final_dir):
-        raise ExportError(f"{final_dir} already exists: versions are immutable; omit --version "
-                          f"to take the next one ({next_version(model_root)})")
     stale = leftover_temp_dirs(model_root)
     if stale:
         log(f"note: {len(stale)} temporary folder(s) of earlier interrupted exports remain "
@@ -191,6 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # SIGTERM (a cancelled pipeline step) must clean the temporary folder like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
+        resolve_version(args.base_path, args.model_name, args.version)  # fail before loading
+        check_warmup_requests(args.warmup_requests)
         metadata = F.DatasetMetadata.load(args.data)
         verify = not args.no_verify
         samples: List[bytes] = []
