@@ -28,38 +28,45 @@ normalize(c_t + noise)) and generic words ("how", "best", ...: short random vect
 1-2 words of its topic plus 0-2 generic words; its embedding is the L2-normalised mean of its
 token embeddings, so `query_vocab.parquet` is an exact encoder for new queries.
 
-Users. A user has 3-6 interest topics with Dirichlet weights and one preferred subtopic per
+Users. A user has 4-8 interest topics with Dirichlet weights and one preferred subtopic per
 interest topic (truth/user_interests.parquet), plus profile fields that carry no preference
-(age_bucket, gender, city_tier are random; activity_level follows the history length). History
-lengths are log-normal around `mean_history` (tens to thousands); lifelong users have 10^4-10^5
-behaviours over a backlog of `lifelong_backlog_days` before the common window.
+(age_bucket, gender, city_tier are random; activity_level follows the history length). Feed
+history lengths are log-normal around `mean_history` (clipped to 20-5000: tens to thousands);
+lifelong users have 10^4-10^5 feed behaviours reaching back `lifelong_backlog_days` before the
+common window of `days` (90). Requests are shared out in proportion to feed activity inside the
+window, so searches per feed view are similar for everyone.
 
-Feed behaviours (source=feed). Time is cut into periods of `period_days`; in each period 1-2 of
-the user's interest topics are "current" and the feed serves them (subtopic uniform, so merely
-*seeing* an item says nothing about affinity). A `noise_share` of views are random items of any
-topic, nearly always short views. Engagement marks affinity: a current-topic item of the
-preferred subtopic is watched deeply (watch ratio >= 0.8, often liked, sometimes followed/shared)
-with probability `deep_if_preferred`, any other with `deep_if_other`; all other views are short
-(watch ratio around 0.2). Deep engagement therefore concentrates on preferred subtopics while short
-views are mostly noise.
+Feed behaviours (source=feed). A user's time span is cut into interest periods of about
+`period_behaviours` (60) feed views each; in each period 1-2 interest topics are "current" and
+the feed serves them (subtopic uniform, so merely *seeing* an item says nothing about affinity).
+A `noise_share` (20%) of views are random items of any topic, nearly always short views.
+Engagement marks affinity: a current-topic item of the preferred subtopic is watched deeply
+(watch ratio >= 0.8, often liked, sometimes followed/shared) with probability `deep_if_preferred`
+(0.75), any other with `deep_if_other` (0.12); every other view is short (watch ratio ~0.2, below
+0.8). Deep engagement therefore concentrates on preferred subtopics; short views are mostly
+noise (their preferred share is below the 1/S base rate).
 
-Search requests. A request is placed in a period of the common window, at a uniformly random time
-after the user already has history, and asks about an interest topic that is NOT current in that
-period but was current in an earlier one (fallback, rare: any non-current interest topic). So the
-last ~50 behaviours (current topics + noise) say nothing about the query topic's preferred
-subtopic; only the long-term full-site history does, through its deep engagements, which is what
-QIN's relevance search (query -> topic, target -> subtopic) and engagement weighting exploit.
+Search requests. A request falls in the common window, never in the user's first period, and
+asks about an interest topic that is current neither in the request's period nor in any period
+touched by the last `recent_guard` (50) feed behaviours, nor searched-and-clicked within them, but
+that was current in an earlier period (the request time is re-drawn a few times to find one;
+failing that, a topic the history has not seen, recorded as topic_seen_before=False in
+truth/requests.parquet). So the last ~50 behaviours say (almost) nothing about the query topic's
+preferred subtopic; only the long-term full-site history does, through its deep engagements:
+what QIN's relevance search (query -> topic, target -> subtopic) and engagement weighting
+exploit. Past search clicks carry some affinity too (clicks favour it), less than the full-site
+history; the denser the searches per feed view, the more they leak into recent behaviours.
 Candidates: 12-20 per request, `query_topic_share` (60%) from the query topic, the rest from
 other topics, in random order. With rel = [topic == query topic], aff = rel and [subtopic ==
 preferred subtopic of the query topic]:
     p_click     = sigmoid(click_bias + relevance_effect * rel + affinity_effect * aff + q_i)
     p_long_view = p_click * sigmoid(long_view_bias + long_view_affinity * aff + q_i)
     p_like      = p_click * sigmoid(like_bias + like_affinity * aff + q_i)
-and labels are drawn from them (long_view and like only for clicked candidates). Each clicked
-candidate is also appended to behaviours.parquet with source=search, 3-60 seconds after the
+(defaults -3.2, 1.8, 1.6; -0.6, 1.4; -2.2, 1.2) and labels are drawn from them (long_view and
+like only for clicked candidates): click rate ~0.2, oracle click AUC ~0.8. Each clicked candidate
+is also appended to behaviours.parquet with source=search, 3 seconds to a few minutes after the
 request (never before it), with engagement matching its long_view/like labels: point-in-time
-joins must exclude these from their own request. Past searches therefore leak a little affinity,
-but far less than the full-site history.
+joins must exclude these from their own request.
 
 Determinism and scale. Output is a function of the seed alone: the world (topics, vocabulary,
 items) and the per-user scalars (history length, interests, number of requests) come from fixed
@@ -276,7 +283,9 @@ class World:
     item_format: np.ndarray
     item_duration: np.ndarray  # float32 seconds
     topic_items: List[np.ndarray]  # items of each topic
-    bucket_items: List[List[np.ndarray]]  # items of each (topic, subtopic)
+    bucket_order: np.ndarray  # items sorted by (topic, subtopic)
+    bucket_start: np.ndarray  # [T * S] offset of bucket topic * S + subtopic in bucket_order
+    bucket_size: np.ndarray  # [T * S]
     item_order: np.ndarray  # items sorted by topic (stable)
     topic_start: np.ndarray  # [T + 1] offsets of each topic in item_order
 
@@ -319,13 +328,17 @@ def build_world(cfg: GeneratorConfig) -> World:
     order = np.argsort(topic, kind="stable")
     topic_start = np.searchsorted(topic[order], np.arange(T + 1))
     topic_items = [order[topic_start[t]:topic_start[t + 1]] for t in range(T)]
-    bucket_items = [[ti[subtopic[ti] == s] for s in range(S)] for ti in topic_items]
+    bucket = topic * S + subtopic
+    bucket_order = np.argsort(bucket, kind="stable")
+    bucket_size = np.bincount(bucket, minlength=T * S)
+    bucket_start = np.concatenate([[0], np.cumsum(bucket_size)[:-1]])
     return World(centres=centres, offsets=offsets, vocab_words=words,
                  vocab_embeddings=vocab_embeddings, item_topic=topic, item_subtopic=subtopic,
                  item_quality=quality, item_latent=latent.astype(np.float32),
                  item_embedding=embedding.astype(np.float32), item_author=author,
                  item_format=fmt, item_duration=duration, topic_items=topic_items,
-                 bucket_items=bucket_items, item_order=order, topic_start=topic_start)
+                 bucket_order=bucket_order, bucket_start=bucket_start,
+                 bucket_size=bucket_size, item_order=order, topic_start=topic_start)
 
 
 # ---- per-user scalars (drawn for all users at once from one stream) --------------------------
@@ -450,13 +463,10 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
     col = (rng.random(n) * n_current[bp]).astype(np.int64)
     topic = current[bp, col]
     sub = rng.integers(0, S, n)
-    item = np.empty(n, np.int64)
     pick = rng.random(n)
-    for t in np.unique(topic[~noise]):
-        for s in range(S):
-            sel = ~noise & (topic == t) & (sub == s)
-            bucket = world.bucket_items[t][s]
-            item[sel] = bucket[(pick[sel] * len(bucket)).astype(np.int64)]
+    bucket = topic * S + sub  # uniform item of the (topic, subtopic) bucket
+    item = world.bucket_order[world.bucket_start[bucket]
+                              + (pick * world.bucket_size[bucket]).astype(np.int64)]
     item[noise] = rng.integers(0, cfg.items, int(noise.sum()))
     topic = world.item_topic[item]
     affinity = ~noise & (world.item_subtopic[item] == pref_of_topic[topic])
@@ -482,11 +492,14 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
 
     def pools(t: int, j: int) -> Tuple[np.ndarray, np.ndarray, int]:
         idx = int(np.searchsorted(b_time, t))  # feed behaviours strictly before t
-        recent = np.unique(bp[max(0, idx - cfg.recent_guard):idx])
-        excluded = ever_current[np.append(recent, j)].any(axis=0)
+        recent = np.unique(np.append(bp[max(0, idx - cfg.recent_guard):idx], j))
+        excluded = ever_current[recent].any(axis=0)
         first = int(recent[0]) if idx > cfg.recent_guard else 0
         seen = seen_through[first - 1] if first > 0 else np.zeros(T, bool)
-        guard_start = int(b_time[idx - cfg.recent_guard]) if idx > cfg.recent_guard else -1
+        if cfg.recent_guard == 0:
+            guard_start = t  # no guard: no earlier search counts as recent
+        else:
+            guard_start = int(b_time[idx - cfg.recent_guard]) if idx > cfg.recent_guard else -1
         return is_interest & seen & ~excluded, is_interest & ~excluded, guard_start
 
     R = int(us.requests[u])
