@@ -88,7 +88,9 @@ def sequence_agreement(batch: Mapping[str, np.ndarray], results: List[Stage1Resu
     return same, recall
 
 
-def run(args) -> Dict[str, object]:
+def run(args, store=None) -> Dict[str, object]:
+    """Replays the split (see module doc). `store`: a FeatureStoreView (default: the SQLite
+    store of the data directory or --feature-store)."""
     import tensorflow as tf
 
     from serving.client import open_feature_store
@@ -108,13 +110,13 @@ def run(args) -> Dict[str, object]:
     config = ModelConfig.load(args.model_dir)
     k1 = args.k1 or metadata.long_term_length
     tasks = list(metadata.tasks)
-    store_path = args.feature_store or os.path.join(args.data, "feature_store.sqlite")
-    store = open_feature_store(store_path)
+    if store is None:
+        store = open_feature_store(
+            args.feature_store or os.path.join(args.data, "feature_store.sqlite"))
     served_config = Stage1Config(scann_min_history=args.scann_min_history)
     searcher = Stage1Searcher.from_feature_store(store, served_config)
-    log(f"model {args.model_dir} ({config.model_type}), K1={k1}, stage 1 served by "
-        f"{'ScaNN' if args.scann_min_history < 2**40 else 'exact'} above "
-        f"{args.scann_min_history} distinct items")
+    log(f"model {args.model_dir} ({config.model_type}), K1={k1}, stage 1 served exactly below "
+        f"{args.scann_min_history} behaviours / distinct items, by ScaNN above")
     model = load_trained_model(args.model_dir, args.data)
     infer = make_infer_fn(model, tasks)
     dataset = D.make_dataset(args.data, args.split, metadata, args.batch_size, for_training=False)
