@@ -913,16 +913,20 @@ def _candidate_range(text: str) -> Tuple[int, int]:
     return lo, hi
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults and keeps the generative-model text (epilog) as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = GeneratorConfig()
     p = argparse.ArgumentParser(
         prog="python -m preprocessing.synthetic",
         description="Generate synthetic short-video search logs in the canonical raw-log layout "
                     "(docs/ARCHITECTURE.md section 1) plus truth/ with the latent variables. "
-                    "The generative model is described in the module docstring "
-                    "(python -c 'import preprocessing.synthetic as s; help(s)').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output", required=True,
+                    "The generative model is described below.",
+        epilog=__doc__[__doc__.index("Generative model"):],
+        formatter_class=_HelpFormatter)
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS,
                    help="output directory (local path or a pyarrow URI such as gs://bucket/dir); "
                         "created if missing, generated files are overwritten")
     p.add_argument("--users", type=int, default=d.users, help="number of users")
@@ -942,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subtopics", type=int, default=d.subtopics,
                    help="subtopics per topic: the latent within-topic taste a user prefers")
     p.add_argument("--candidates-per-request", type=_candidate_range,
-                   default=(d.min_candidates, d.max_candidates), metavar="MIN-MAX",
+                   default=f"{d.min_candidates}-{d.max_candidates}", metavar="MIN-MAX",
                    help="candidates shown per request, uniform in MIN-MAX (or a fixed N)")
     p.add_argument("--mean-history", type=float, default=d.mean_history,
                    help="mean feed behaviours per ordinary user (log-normal, clipped to "
