@@ -238,14 +238,18 @@ class Stage1Searcher:
     def from_feature_store(cls, store, config: Optional[Stage1Config] = None,
                            users: Iterable[str] = (),
                            progress: Optional[Callable[[int], None]] = None) -> "Stage1Searcher":
-        """A searcher over a feature store with the `serving.client.FeatureStoreView` methods
-        (`items()`, `behaviours(user_id, before_ms, limit)`). The given `users` are indexed now,
-        every other user on its first request (with all its behaviour features)."""
-        items = store.items()
-        index = np.asarray(items["item_index"], np.int64)
-        vectors = np.asarray(items["embedding"], np.float32)
-        table = np.zeros((int(index.max(initial=0)) + 1, vectors.shape[1]), np.float32)
-        table[index] = vectors
+        """A searcher over a `common.feature_store.FeatureStore` (`item_embeddings()`,
+        `behaviours_before()`), or any store with the `serving.client.FeatureStoreView` methods
+        (`items()`, `behaviours()`). The given `users` are indexed now, every other user on its
+        first request, with all of its behaviour features."""
+        if hasattr(store, "item_embeddings"):
+            table = np.asarray(store.item_embeddings(), np.float32)
+        else:
+            items = store.items()
+            index = np.asarray(items["item_index"], np.int64)
+            vectors = np.asarray(items["embedding"], np.float32)
+            table = np.zeros((int(index.max(initial=0)) + 1, vectors.shape[1]), np.float32)
+            table[index] = vectors
         searcher = cls(table, config, history_loader=store_history_loader(store))
         for n, user in enumerate(users):
             searcher.set_history(user, *searcher._loader(user))
@@ -612,12 +616,22 @@ def build_scann(data: np.ndarray, config: Stage1Config):
     return searcher.searcher, leaves
 
 
-def store_history_loader(store, limit: int = 10_000_000) -> Callable[[str], History]:
-    """user_id -> (items, timestamps, features) oldest first, from a FeatureStoreView whose
-    `behaviours(user_id, before_ms, limit)` returns dicts most recent first."""
+def store_history_loader(store) -> Callable[[str], History]:
+    """user_id -> (items, timestamps, features) oldest first, from a store's whole history:
+    `behaviours_before(user_id, before_ms)` arrays (common.feature_store) or
+    `behaviours(user_id, before_ms, limit)` dicts (serving.client.FeatureStoreView), both most
+    recent first (equal timestamps latest-arrived first, so reversing keeps arrival order)."""
+    everything = int(np.iinfo(np.int64).max)
 
     def load(user_id: str) -> History:
-        rows = list(store.behaviours(user_id, np.iinfo(np.int64).max, limit))[::-1]
+        if hasattr(store, "behaviours_before"):
+            arrays = store.behaviours_before(user_id, everything)
+            feats = {F.SEQ_AUTHOR: arrays["author_index"], F.SEQ_CATEGORY: arrays["category"],
+                     F.SEQ_ENGAGEMENT: arrays["engagement"], F.SEQ_SOURCE: arrays["source"]}
+            return (np.asarray(arrays["item_index"])[::-1],
+                    np.asarray(arrays["timestamp_ms"])[::-1],
+                    {name: np.asarray(column)[::-1] for name, column in feats.items()})
+        rows = list(store.behaviours(user_id, everything, 2**31 - 1))[::-1]
         return behaviours_to_history(rows)
 
     return load

@@ -451,3 +451,41 @@ def test_stage1_reference_semantics():
     assert stage1_top_k([1, 0], behaviours[:0], 5).tolist() == []
     with pytest.raises(ValueError):
         stage1_top_k([1, 0, 0], behaviours, 2)
+
+
+def test_searcher_over_the_sqlite_feature_store(tmp_path, data):
+    from common.feature_store import SqliteFeatureStore
+
+    rng, table, centres = data
+    metadata = features.DatasetMetadata(num_items=len(table) - 1)
+    store = SqliteFeatureStore.create(str(tmp_path / "store.sqlite"), metadata)
+    store.write_items((k, f"i{k}", k % 31 + 1, [k % 4 + 1, k % 9 + 1], table[k])
+                      for k in range(1, len(table)))
+    items, times = history(rng, 2500, 5000)
+    times[100:103] = times[100]  # equal timestamps keep their arrival order
+    store.write_behaviours(("u", int(t), int(i), int(i) % 31 + 1, [int(i) % 4 + 1, 1],
+                            [0.5, 1, 0, 0], 1 + int(t) % 2) for i, t in zip(items, times))
+    searcher = Stage1Searcher.from_feature_store(store, small_scann_config(), users=["u"])
+    assert searcher.user_stats("u")["base_rows"] == 2500
+    store.add_behaviours("u", [{"item_index": 42, "timestamp_ms": int(times[-1]) + 5,
+                                "source": 2}])
+    # A user first seen after indexing is loaded from the store on its first request.
+    store.write_behaviours(("late", 100 + k, k + 1, 1, [1, 1], [0, 0, 0, 0], 1) for k in range(30))
+    got = searcher.top_k("late", table[7], 5)
+    assert got.history_length == 30 and got.item_indices[got.scores.argmax()] == 7
+    # Point-in-time answers over the indexed user equal the store's own history.
+    now = int(times[2000])
+    got = searcher.top_k("u", centres[2], 100, before_ms=now)
+    arrays = store.behaviours_before("u", now)
+    exact_rows = reference_top_k(table, arrays["item_index"][::-1], arrays["timestamp_ms"][::-1],
+                                 centres[2], 100)
+    recall = len(np.intersect1d(got.rows, exact_rows)) / 100
+    assert recall >= 0.8
+    hit = np.isin(got.rows, exact_rows)
+    most_recent_first = len(arrays["item_index"]) - 1 - got.rows[hit]
+    np.testing.assert_array_equal(got.item_indices[hit], arrays["item_index"][most_recent_first])
+    np.testing.assert_array_equal(got.features[features.SEQ_SOURCE][hit],
+                                  arrays["source"][most_recent_first])
+    np.testing.assert_array_equal(got.features[features.SEQ_CATEGORY][hit],
+                                  arrays["category"][most_recent_first])
+    store.close()
