@@ -262,18 +262,22 @@ def read_numbered_lines(path: str, skip_header: bool) -> Iterable[Tuple[int, byt
 
 def click_pairs(files: Dict[str, object], progress_every: int = 20_000):
     """(query tokens, clicked product name tokens) pairs with their wids, from history search
-    behaviours and candidate clicks, plus counts of what could not be used."""
+    behaviours and candidate clicks; the set of all test-query tokens; counts of what could not
+    be used."""
     clicks: List[Tuple[Tuple[int, ...], str]] = []
     counts = {"behaviour_lines": 0, "behaviour_lines_unparsable": 0}
+    query_tokens = set()
     for number, raw in read_numbered_lines(files["behaviour_path"], files["behaviour_header"]):
         counts["behaviour_lines"] += 1
         if counts["behaviour_lines"] % progress_every == 0:
             log.info("text embeddings: read %d user lines", counts["behaviour_lines"])
         try:
-            _, _, pairs = parse_behaviour_line(number, raw.decode("utf-8"))
+            request, _, pairs = parse_behaviour_line(number, raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             counts["behaviour_lines_unparsable"] += 1
             continue
+        if request is not None:
+            query_tokens.update(request.query_tokens)
         clicks += [(q, w) for q, w in pairs if q]
     wanted = {w for _, w in clicks}
     names: Dict[str, Tuple[int, ...]] = {}
@@ -288,7 +292,7 @@ def click_pairs(files: Dict[str, object], progress_every: int = 20_000):
     keys = [w for _, w in clicks if names.get(w)]
     counts["click_pairs"] = len(clicks)
     counts["click_pairs_without_name"] = len(clicks) - len(pairs)
-    return pairs, keys, counts
+    return pairs, keys, query_tokens, counts
 
 
 def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
@@ -302,8 +306,8 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
 
     files = validate(input_dir)
     config = TextTowerConfig.from_options(options)
-    pairs, keys, counts = click_pairs(files)
-    encoder, stats = train_text_encoder(pairs, config, keys)
+    pairs, keys, query_tokens, counts = click_pairs(files)
+    encoder, stats = train_text_encoder(pairs, config, keys, query_tokens)
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
     return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,
@@ -347,7 +351,7 @@ class ParseUserLine(beam.DoFn):
             _counter("lines_without_request").inc()
             return
         if self.encoder is not None:
-            embedding = self.encoder.encode_tuple(request.query_tokens)
+            embedding = self.encoder.encode_query(request.query_tokens)
             if not any(embedding):
                 _counter("queries_zero_embedding").inc()
             request = request._replace(query_embedding=embedding)

@@ -206,20 +206,23 @@ def _iter_csv(path: str, header: Sequence[str]) -> Iterable[Dict[str, str]]:
 
 def click_pairs(input_dir: str, headers: Dict[str, List[str]], progress_every: int = 1_000_000):
     """(keyword tokens, clicked item caption tokens) pairs and their item ids, from src_inter
-    and item_features, plus counts of what could not be used."""
+    and item_features; the set of all keyword tokens; counts of what could not be used."""
     clicks: List[Tuple[Tuple[int, ...], str]] = []
-    counts = {"search_rows": 0, "click_rows": 0, "click_rows_unparsable": 0}
+    counts = {"search_rows": 0, "click_rows": 0, "search_rows_unparsable": 0}
+    query_tokens = set()
     for n, row in enumerate(_iter_csv(os.path.join(input_dir, SRC_INTER), headers[SRC_INTER]), 1):
         counts["search_rows"] += 1
         if n % progress_every == 0:
             log.info("text embeddings: read %d search rows", n)
         try:
-            if parse_flag(row["click_cnt"], "click_cnt") <= 0:
-                continue
+            clicked = parse_flag(row["click_cnt"], "click_cnt") > 0
             item = normalise_id(row["item_id"])
             tokens = parse_token_list(row["keyword"], "keyword")
         except ValueError:
-            counts["click_rows_unparsable"] += 1
+            counts["search_rows_unparsable"] += 1
+            continue
+        query_tokens.update(tokens)
+        if not clicked:
             continue
         counts["click_rows"] += 1
         if item and tokens:
@@ -236,7 +239,7 @@ def click_pairs(input_dir: str, headers: Dict[str, List[str]], progress_every: i
     pairs = [(q, captions[i]) for q, i in clicks if captions.get(i)]
     keys = [i for _, i in clicks if captions.get(i)]
     counts["click_pairs_without_caption"] = len(clicks) - len(pairs)
-    return pairs, keys, counts
+    return pairs, keys, query_tokens, counts
 
 
 def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
@@ -252,8 +255,8 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
 
     headers = validate(input_dir)
     config = TextTowerConfig.from_options(options)
-    pairs, keys, counts = click_pairs(input_dir, headers)
-    encoder, stats = train_text_encoder(pairs, config, keys)
+    pairs, keys, query_tokens, counts = click_pairs(input_dir, headers)
+    encoder, stats = train_text_encoder(pairs, config, keys, query_tokens)
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
     return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,
@@ -374,7 +377,7 @@ class BuildSearchRequests(beam.DoFn):
             clicks = [groups[key][i] for i in items]
             embedding = None
             if self.encoder is not None:
-                embedding = self.encoder.encode_tuple(keyword)
+                embedding = self.encoder.encode_query(keyword)
                 if not any(embedding):
                     _counter("queries_zero_embedding").inc()
             request_id = session if len(groups) == 1 else f"{session}#{k}"

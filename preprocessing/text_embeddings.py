@@ -20,7 +20,10 @@ Why this shape and not a deeper tower per side:
   never clicked are still placed in the space through the tokens they share with clicked ones.
 
 Vocabulary: the token ids that occur in the training pairs (at least `min_token_count` times,
-at most `max_vocab_size` most frequent). Tokens outside it are ignored when encoding; a text
+at most `max_vocab_size` most frequent), plus every other query token of the dataset with an
+all-zero vector (it leaves the direction of a normalised mean unchanged, and keeps the tokens a
+serving client looks up identical to those of the training examples). Tokens outside it are
+ignored when encoding; a text
 with no known token (empty caption, unseen tokens only) gets the all-zero vector, which the
 ranker treats like the OOV embedding row, and is counted by the readers
 (`items_zero_embedding`, `queries_zero_embedding` metrics).
@@ -149,6 +152,16 @@ class TextEncoder:
     def encode_tuple(self, tokens: Iterable[int]) -> Tuple[float, ...]:
         return tuple(float(v) for v in self.encode(tokens))
 
+    def encode_query(self, tokens: Iterable[int]) -> Tuple[float, ...]:
+        """Query embedding exactly as a serving client computes it from the query vocabulary
+        (common.feature_store: the first MAX_QUERY_TOKENS known tokens, L2-normalised mean)."""
+        rows = self.rows(tokens)[:F.MAX_QUERY_TOKENS]
+        if not rows:
+            return (0.0,) * self.dim
+        mean = self.table[rows].mean(axis=0)
+        norm = float(np.linalg.norm(mean))
+        return tuple(float(v) for v in (mean / norm if norm > 0 else mean * 0.0))
+
     def query_vocab(self) -> Dict[str, object]:
         """Columns of the query vocabulary (docs/ARCHITECTURE.md, query_vocab.parquet).
 
@@ -203,6 +216,7 @@ def _pad(rows: List[List[int]], length: int) -> np.ndarray:
 def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
                        config: Optional[TextTowerConfig] = None,
                        item_keys: Optional[Sequence[str]] = None,
+                       query_tokens: Iterable[int] = (),
                        ) -> Tuple[TextEncoder, Dict[str, object]]:
     """Trains the two-tower on (query tokens, clicked item tokens) pairs; returns the frozen
     encoder and training statistics (pairs used/skipped, steps, first/last loss, seconds).
@@ -211,8 +225,24 @@ def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
     same item as negatives. Pairs whose query or item has no vocabulary token are skipped and
     counted. With no usable pair the encoder has an empty vocabulary (every text encodes to
     zeros) rather than failing: the readers still produce data, and the stats say why.
+
+    `query_tokens` (every token of every query of the dataset) are added to the vocabulary
+    with an all-zero vector when training did not see them: a zero vector leaves the direction
+    of a normalised mean unchanged, and the serving client (which keeps only vocabulary
+    tokens) then sees the same query tokens as the training examples.
     """
-    config = (config or TextTowerConfig()).validate()
+    encoder, stats = _train(pairs, (config or TextTowerConfig()).validate(), item_keys)
+    known = set(encoder.token_ids.tolist())
+    extra = sorted({int(t) for t in query_tokens} - known)
+    stats["untrained_query_tokens"] = len(extra)
+    if extra:
+        encoder = TextEncoder(
+            np.concatenate([encoder.token_ids, np.asarray(extra, np.int64)]),
+            np.concatenate([encoder.table, np.zeros((len(extra), encoder.dim), np.float32)]))
+    return encoder, stats
+
+
+def _train(pairs, config: TextTowerConfig, item_keys) -> Tuple[TextEncoder, Dict[str, object]]:
     started = time.time()
     vocab = build_vocabulary(pairs, config)
     index = {int(t): k + 1 for k, t in enumerate(vocab.tolist())}

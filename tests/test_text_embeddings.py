@@ -101,3 +101,21 @@ def test_options_are_read_and_validated():
     assert config.batch_size == TextTowerConfig().batch_size  # the caller's own batch size
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         TextTowerConfig.from_options({"text_tower_epochs": 0})
+
+
+def test_untrained_query_tokens_join_the_vocabulary_with_zero_vectors():
+    from common import features as F
+    from common.feature_store import normalised_mean
+
+    pairs, keys, _ = _clicks(num_pairs=200)
+    encoder, stats = train_text_encoder(pairs, TextTowerConfig(**{**CONFIG, "epochs": 1}), keys,
+                                        query_tokens=[100, 101, 424242])
+    assert stats["untrained_query_tokens"] == 1
+    assert encoder.table[encoder.rows([424242])[0]].tolist() == [0.0] * 16
+    np.testing.assert_allclose(encoder.encode_query([100, 424242, 101]),
+                               encoder.encode([100, 101]), rtol=1e-6)
+    # the serving client's rule: first MAX_QUERY_TOKENS vocabulary tokens, normalised mean
+    long_query = [424242, 9999999] + [100 + 10 * (k % 4) for k in range(30)]
+    known = [t for t in long_query if encoder.rows([t])][:F.MAX_QUERY_TOKENS]
+    expected = normalised_mean(np.stack([encoder.table[encoder.rows([t])[0]] for t in known]))
+    np.testing.assert_allclose(encoder.encode_query(long_query), expected, rtol=1e-5, atol=1e-7)
