@@ -2,9 +2,9 @@
 
     python -m trainer.report --data OUT --output R [--presets qin,dnn,...] [--epochs 5]
 
-trains every preset of `trainer.config` (or the ones given) with `python -m trainer.task` on
-the same data with the same seed, evaluates each with `python -m trainer.evaluate` on the test
-split, and writes
+trains every preset of `trainer.config` (or the ones given) with the code of
+`python -m trainer.task` on the same data with the same seed, evaluates each with the code of
+`python -m trainer.evaluate` on the test split (one process per preset), and writes
 
   R/report.md    Markdown table, one row per model plus the oracle (generated data)
   R/report.json  the same numbers, machine-readable
@@ -13,8 +13,14 @@ split, and writes
 
 For generated data (true probabilities known) the table states how much of the oracle's lift
 over random each model captures: (metric - 0.5) / (oracle metric - 0.5), for click AUC and click
-GAUC by request. Each run is a separate process (clean TensorFlow state, memory returned), and
-runs are resumable: re-running the command continues unfinished trainings and re-evaluates.
+GAUC by request. Each preset runs in its own process (clean TensorFlow state, memory returned),
+and runs are resumable: re-running the command continues unfinished trainings and re-evaluates.
+
+The default report dataset is the generated one:
+
+    python -m preprocessing.synthetic --output RAW
+    python -m preprocessing --input-format canonical ... --output OUT   (see its --help)
+    python -m trainer.report --data OUT --output R
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ def _run(command: List[str], label: str, log_path: str) -> None:
                                    text=True, cwd=os.getcwd())
         for line in process.stdout:
             log.write(line)
-            if " INFO epoch " in line or " INFO done" in line or "error" in line.lower():
+            if (" INFO epoch " in line or " INFO done" in line or " INFO wrote " in line
+                    or "error" in line.lower()):
                 print(f"[{label}] {line.rstrip()}", flush=True)
         code = process.wait()
     if code != 0:
@@ -168,6 +175,32 @@ def plot(report: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def _task_arguments(args, preset: str, model_dir: str) -> List[str]:
+    argv = ["--data", args.data, "--model-dir", model_dir, "--model", preset,
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
+            "--early-stopping-patience", str(args.early_stopping_patience),
+            "--log-every-steps", str(args.log_every_steps)]
+    if args.steps_per_epoch:
+        argv += ["--steps-per-epoch", str(args.steps_per_epoch)]
+    if args.config:
+        argv += ["--config", args.config]
+    return argv
+
+
+def run_one(args) -> None:
+    """Trains and evaluates one preset in this process (the report runs one process each)."""
+    import tensorflow as tf
+
+    from trainer import evaluate, task
+
+    preset = args.run_one
+    model_dir = os.path.join(args.output, "models", preset)
+    task.train(task.build_parser().parse_args(_task_arguments(args, preset, model_dir)))
+    tf.keras.backend.clear_session()
+    evaluate.evaluate(args.data, model_dir, args.split, os.path.join(args.output, "eval", preset))
+
+
 def run_report(args) -> Dict:
     from trainer import config as config_lib
 
@@ -187,19 +220,17 @@ def run_report(args) -> Dict:
         eval_dir = os.path.join(args.output, "eval", preset)
         log_path = os.path.join(args.output, "logs", f"{preset}.log")
         logger.info("[%d/%d] training %s", i, len(presets), preset)
-        command = [python, "-m", "trainer.task", "--data", args.data, "--model-dir", model_dir,
-                   "--model", preset, "--epochs", str(args.epochs),
+        command = [python, "-m", "trainer.report", "--run-one", preset, "--data", args.data,
+                   "--output", args.output, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--learning-rate",
                    str(args.learning_rate), "--seed", str(args.seed),
                    "--early-stopping-patience", str(args.early_stopping_patience),
-                   "--log-every-steps", str(args.log_every_steps)]
+                   "--log-every-steps", str(args.log_every_steps), "--split", args.split]
         if args.steps_per_epoch:
             command += ["--steps-per-epoch", str(args.steps_per_epoch)]
         if args.config:
             command += ["--config", args.config]
-        _run(command, f"{preset} train", log_path)
-        _run([python, "-m", "trainer.evaluate", "--data", args.data, "--model-dir", model_dir,
-              "--split", args.split, "--output", eval_dir], f"{preset} eval", log_path)
+        _run(command, preset, log_path)
         with open(os.path.join(eval_dir, "metrics.json")) as f:
             metrics = json.load(f)
         training = None
@@ -249,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON overrides applied to every preset (e.g. sizes)")
     parser.add_argument("--split", default="test", choices=("eval", "test"))
     parser.add_argument("--log-every-steps", type=int, default=100)
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal
     return parser
 
 
@@ -257,6 +289,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stdout)
     try:
+        if args.run_one:
+            run_one(args)
+            return 0
         report = run_report(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
