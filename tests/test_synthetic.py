@@ -414,3 +414,48 @@ def test_search_clicks_appear_as_behaviours_at_or_after_their_request(data):
     nearest = merged[merged.delay >= 0].groupby(key).delay.min()
     assert len(nearest) == len(search[key].drop_duplicates())
     assert nearest.min() >= 3000 and nearest.max() <= 10 * 60 * 1000
+
+
+def test_observable_long_term_deep_history_carries_the_personal_signal(data):
+    """The planted personal signal is reachable from what a model sees (no truth): a QIN-like
+    score (query relevance + similarity of the candidate to the query-relevant, deep-engaged
+    long-term behaviours) ranks clicks better than the same score over the last 50 behaviours
+    or over the long-term history without engagement weighting. Compared by GAUC."""
+    catalogue = read(data["dir"], syn.ITEM_FILE).to_pandas()
+    index = {k: i for i, k in enumerate(catalogue.item_id)}
+    emb = np.stack(catalogue.embedding.to_numpy())
+    beh = data["behaviours"]
+    engaged = deep(beh.watch_ratio, beh.like)
+    by_user = {u: (g.timestamp.to_numpy(), g.item_id.map(index).to_numpy(), engaged[g.index])
+               for u, g in beh.groupby("user_id")}
+    scores = {"relevance": [], "recent50": [], "long_unweighted": [], "long_deep": []}
+    requests = data["requests"].sample(800, random_state=1)
+    for user, t, query, candidates, click in zip(requests.user_id, requests.timestamp,
+                                                 requests.query_embedding,
+                                                 requests.candidate_item_ids, requests.click):
+        y = np.asarray(click, bool)
+        if y.all() or not y.any():
+            continue
+        times, items, is_deep = by_user[user]
+        before = times < t
+        items, is_deep = items[before], is_deep[before]
+        q = np.asarray(query)
+        cand = emb[[index[c] for c in candidates]]
+        relevance = cand @ q
+
+        def affinity(hist_items, weight):
+            vectors = emb[hist_items]
+            keep = (vectors @ q > 0.4) & weight  # stage 1: query-relevant behaviours
+            return (cand @ vectors[keep].T).mean(axis=1) if keep.any() else 0.0
+
+        scores["relevance"].append(auc(relevance, y))
+        scores["recent50"].append(auc(relevance + 2 * affinity(items[-50:], is_deep[-50:]), y))
+        scores["long_unweighted"].append(
+            auc(relevance + 2 * affinity(items, np.ones(len(items), bool)), y))
+        scores["long_deep"].append(auc(relevance + 2 * affinity(items, is_deep), y))
+    gauc = {k: float(np.mean(v)) for k, v in scores.items()}
+    assert len(scores["relevance"]) > 500
+    assert gauc["relevance"] > 0.62  # the query is informative
+    assert gauc["long_deep"] > gauc["recent50"] + 0.02, gauc
+    assert gauc["long_deep"] > gauc["long_unweighted"] + 0.02, gauc
+    assert gauc["recent50"] < gauc["relevance"] + 0.02, gauc  # recent history adds ~nothing
