@@ -294,3 +294,22 @@ def test_exports_with_stock_ops_and_loads_in_clean_tensorflow(data, tmp_path):
     assert set(loaded) == set(expected)
     for key in expected:
         np.testing.assert_allclose(loaded[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qin", "twin"])
+def test_mixed_precision_outputs_float32_and_finite_gradients(data, name):
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build(data, small(name))
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(data["batch"], training=True)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        out = model(data["batch"])
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert model.embeddings.content_table.dtype == tf.float32
+    assert all(out[t].dtype == tf.float32 for t in data["metadata"].tasks)
+    assert out[M.SELECTED_INDEX].dtype == tf.int32 and out[M.SCORE].dtype == tf.float32
+    assert np.isfinite(float(loss))
+    assert all(g is not None and np.all(np.isfinite(tf.convert_to_tensor(g).numpy()))
+               for g in gradients)

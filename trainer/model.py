@@ -59,7 +59,7 @@ def cosine_similarity(a, b, axis=-1):
 class Behaviours:
     """The fields of one behaviour sequence, with the validity mask from its explicit length."""
 
-    def __init__(self, features, sequence):
+    def __init__(self, features, sequence, dtype=tf.float32):
         def field(name):
             return features[F.seq_feature(sequence, name)]
 
@@ -70,6 +70,7 @@ class Behaviours:
         self.mask = masking.length_mask(tf.reshape(field(F.SEQ_LENGTH), [-1]), self.length)
         self.cross = behaviour_cross_features(field(F.SEQ_ENGAGEMENT), field(F.SEQ_SOURCE),
                                               field(F.SEQ_TIME_GAP), self.mask)
+        self.cross = tf.cast(self.cross, dtype)
 
 
 class RankingModel(tfrs.models.Model):
@@ -157,7 +158,7 @@ class RankingModel(tfrs.models.Model):
         token_mask = masking.length_mask(tf.reshape(features[F.QUERY_LENGTH], [-1]),
                                          tf.shape(tokens)[1])
         query_tokens = masking.masked_mean(e.lookup("query_token", tokens), token_mask, axis=1)
-        query_embedding = tf.cast(features[F.QUERY_EMBEDDING], tf.float32)
+        query_embedding = tf.cast(features[F.QUERY_EMBEDDING], self.compute_dtype)
         return self.request_tower(tf.concat([user, profile, query_tokens, query_embedding], -1))
 
     def _forward(self, features, training=False):
@@ -166,12 +167,14 @@ class RankingModel(tfrs.models.Model):
         cand_author = features[F.CANDIDATE_AUTHOR]
         cand_category = features[F.CANDIDATE_CATEGORY]
         batch, num_cand = tf.shape(cand_item)[0], tf.shape(cand_item)[1]
+        dtype = self.compute_dtype  # float16 under mixed precision; outputs stay float32
         query_embedding = tf.cast(features[F.QUERY_EMBEDDING], tf.float32)
 
         target_id = e.id_field(cand_item, cand_author)  # [B, N, 2d]
         target_attr = e.attribute_field(cand_item, cand_category)  # [B, N, LEVELS*d + D]
-        target_content = e.content(cand_item)  # [B, N, D]
-        query_relevance = cosine_similarity(query_embedding[:, tf.newaxis, :], target_content)
+        target_content = e.content(cand_item, tf.float32)  # [B, N, D], relevance in float32
+        query_relevance = tf.cast(
+            cosine_similarity(query_embedding[:, tf.newaxis, :], target_content), dtype)
 
         request = self._request_vector(features)  # [B, H]
         parts = [tf.broadcast_to(request[:, tf.newaxis, :], [batch, num_cand, c.hidden_units]),
@@ -181,14 +184,14 @@ class RankingModel(tfrs.models.Model):
         selected_index = tf.fill([batch, num_cand, c.k2], tf.constant(-1, tf.int32))
         selected_weight = tf.zeros([batch, num_cand, c.k2], tf.float32)
         if self.long_term_unit is not None:
-            long = Behaviours(features, F.LONG_TERM)
+            long = Behaviours(features, F.LONG_TERM, dtype)
             interest, positions, weights = self._long_term(
                 long, query_embedding, cand_item, cand_category, target_id, target_attr,
                 target_content, training)
             parts.append(interest)
             selected_index, selected_weight = self._explanation(positions, weights)
         if self.real_time_unit is not None:
-            rt = Behaviours(features, F.REAL_TIME)
+            rt = Behaviours(features, F.REAL_TIME, dtype)
             rt_tokens = tf.concat([e.id_field(rt.item, rt.author),
                                    e.attribute_field(rt.item, rt.category), rt.cross], -1)
             target = tf.concat([target_id, target_attr], -1)
@@ -196,6 +199,7 @@ class RankingModel(tfrs.models.Model):
             parts.append(rt_interest)
 
         logits, _ = self.head(tf.concat(parts, axis=-1), training=training)
+        logits = {task: tf.cast(logit, tf.float32) for task, logit in logits.items()}
         outputs = {task: tf.sigmoid(logits[task]) for task in self.tasks}
         outputs[SCORE] = self._score(outputs)
         outputs[SELECTED_INDEX] = selected_index
@@ -208,7 +212,7 @@ class RankingModel(tfrs.models.Model):
         the behaviours it attended to."""
         c, e = self.config, self.embeddings
         if c.model_type == "qin":
-            content = e.content(long.item)  # [B, L, D]
+            content = e.content(long.item, tf.float32)  # [B, L, D], selection in float32
             stage1_pos, stage1_valid = self.rsu.stage1(query_embedding, content, long.mask)
             s1 = lambda x: masking.gather_positions(x, stage1_pos)  # noqa: E731
             stage1_content = s1(content)
@@ -233,6 +237,7 @@ class RankingModel(tfrs.models.Model):
     def _explanation(self, positions, weights):
         """The K2 highest-weighted attended positions, -1 / 0 where there are fewer."""
         k2 = self.config.k2
+        weights = tf.cast(weights, tf.float32)
         valid = positions >= 0
         order, kept = masking.masked_top_k(weights, valid, k2)
         top_positions = tf.where(kept, tf.gather(positions, order, batch_dims=2), -1)
@@ -256,6 +261,8 @@ class RankingModel(tfrs.models.Model):
 
     # ---- loss ------------------------------------------------------------------------------
     def compute_loss(self, features, training=False):
+        """Mean weighted loss of this batch (one replica's share under a distribution strategy;
+        `trainer.task` divides by the number of replicas before taking gradients)."""
         missing = [F.label_feature(t) for t in self.tasks if F.label_feature(t) not in features]
         if missing:
             raise ValueError(f"batch has no labels {missing}: parse with with_labels=True")
@@ -269,9 +276,7 @@ class RankingModel(tfrs.models.Model):
                 labels=labels, predictions=tf.reshape(logits[task], [-1, 1]),
                 sample_weight=mask, training=training)
             total += self.config.loss_weight(task) * task_loss / num_valid
-        # Under a multi-replica strategy gradients are summed across replicas: scale the
-        # per-replica mean so the update matches single-device training.
-        return total / tf.distribute.get_strategy().num_replicas_in_sync
+        return total
 
 
 def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings

@@ -68,13 +68,17 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
             name="item_content_embeddings", shape=item_embeddings.shape, trainable=False,
             initializer=tf.keras.initializers.Constant(item_embeddings))
 
+    # Lookups return the layer's compute dtype (float16 under a mixed_float16 policy); the
+    # tables themselves stay float32.
     def lookup(self, table, ids):
         """[...] ids -> [..., dim]."""
-        return tf.gather(self.tables[table], safe_index(ids, self.sizes[table]))
+        emb = tf.gather(self.tables[table], safe_index(ids, self.sizes[table]))
+        return tf.cast(emb, self.compute_dtype)
 
-    def content(self, item_ids):
+    def content(self, item_ids, dtype=None):
         """[...] item ids -> [..., D] frozen pretrained content embeddings."""
-        return tf.gather(self.content_table, safe_index(item_ids, self.sizes["item"]))
+        emb = tf.gather(self.content_table, safe_index(item_ids, self.sizes["item"]))
+        return tf.cast(emb, dtype or self.compute_dtype)
 
     def categories(self, category_ids):
         """[..., LEVELS] category ids -> [..., LEVELS * dim] (levels concatenated)."""

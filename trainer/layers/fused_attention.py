@@ -81,7 +81,7 @@ class FusedAttentionUnit(tf.keras.layers.Layer):
         if self.attention_fields == "both":
             a_attr = self._field_attention(self.query_attr, self.key_attr, target_attr,
                                            behaviour_attr, indices, valid)
-            lam = self.fusion_weight()
+            lam = tf.cast(self.fusion_weight(), a_id.dtype)
             mixed = lam * a_id + (1.0 - lam) * a_attr
         else:
             mixed = a_id
@@ -90,7 +90,7 @@ class FusedAttentionUnit(tf.keras.layers.Layer):
             gate = tf.sigmoid(self.fusion_gate(cross))  # [B, S, 1]
             mixed = mixed * tf.squeeze(masking.gather_positions(depth, indices), -1)
         else:
-            gate = tf.sigmoid(self.constant_gate_logit)
+            gate = tf.cast(tf.sigmoid(self.constant_gate_logit), behaviour_id.dtype)
         fused = gate * self.value_id(behaviour_id) + (1.0 - gate) * self.value_attr(behaviour_attr)
         weights = masking.normalize_weights(mixed, valid)  # [B, N, K]
         values = masking.gather_positions(fused, indices)  # [B, N, K, H]

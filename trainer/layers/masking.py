@@ -27,16 +27,20 @@ def zero_masked(values, mask):
 
 
 def masked_logits(logits, mask):
-    """Replaces masked-out logits by NEG_LARGE (for softmax and top-k)."""
-    return tf.where(mask, logits, tf.fill(tf.shape(logits), tf.constant(NEG_LARGE, logits.dtype)))
+    """Replaces masked-out logits by NEG_LARGE (the dtype's lowest value in float16)."""
+    low = max(NEG_LARGE, float(logits.dtype.min)) if logits.dtype.is_floating else NEG_LARGE
+    return tf.where(mask, logits, tf.fill(tf.shape(logits), tf.constant(low, logits.dtype)))
 
 
 def masked_softmax(logits, mask, axis=-1):
     """Softmax over the valid positions only: weights sum to 1 over `mask`, are exactly 0
-    elsewhere, and are all 0 (not NaN) when no position is valid."""
-    weights = tf.nn.softmax(masked_logits(logits, mask), axis=axis)
+    elsewhere, and are all 0 (not NaN) when no position is valid. Computed in float32 (also
+    under mixed precision) and returned in the dtype of `logits`."""
+    dtype = logits.dtype
+    weights = tf.nn.softmax(masked_logits(tf.cast(logits, tf.float32), mask), axis=axis)
     weights = tf.where(mask, weights, tf.zeros_like(weights))
-    return tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=axis, keepdims=True))
+    weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=axis, keepdims=True))
+    return tf.cast(weights, dtype)
 
 
 def normalize_weights(weights, mask, axis=-1):

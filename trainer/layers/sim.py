@@ -46,7 +46,7 @@ class SimSearchUnit(tf.keras.layers.Layer):
             behaviour_cat = behaviour_category[..., self.category_level]  # [B, L]
             same = tf.equal(target_cat[:, :, tf.newaxis], behaviour_cat[:, tf.newaxis, :])
             valid = valid & same & (target_cat[:, :, tf.newaxis] > 0)
-            recency = -tf.cast(tf.range(length), tf.float32)  # most recent first
+            recency = -tf.cast(tf.range(length), target_id.dtype)  # most recent first
             scores = tf.broadcast_to(recency[tf.newaxis, tf.newaxis], [batch, num_cand, length])
         else:
             scores = tf.einsum("bnf,blf->bnl", target_id, behaviour_id)
@@ -66,9 +66,10 @@ class SimSearchUnit(tf.keras.layers.Layer):
         out, scores = self.esu(query, values, attention_mask=flat_valid,
                                return_attention_scores=True, training=training)
         any_valid = tf.reduce_any(valid, axis=-1, keepdims=True)
-        out = tf.where(any_valid, tf.reshape(out, [batch, num_cand, self.hidden_units]), 0.0)
+        out = tf.reshape(out, [batch, num_cand, self.hidden_units])
+        out = tf.where(any_valid, out, tf.zeros_like(out))
         weights = tf.reshape(tf.reduce_mean(scores, axis=1), [batch, num_cand, k])
-        weights = tf.where(valid, weights, 0.0)
+        weights = tf.where(valid, weights, tf.zeros_like(weights))
         return out, tf.where(valid, indices, -1), weights
 
     def get_config(self):

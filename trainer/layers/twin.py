@@ -61,7 +61,7 @@ class TwinUnit(tf.keras.layers.Layer):
         heads = tf.einsum("bnkh,bnkhd->bnhd", weights, kept_values)
         out = self.output_projection(tf.reshape(heads, [batch, num_cand, self.hidden_units]))
         any_valid = tf.reduce_any(valid, axis=-1, keepdims=True)
-        out = tf.where(any_valid, out, 0.0)
+        out = tf.where(any_valid, out, tf.zeros_like(out))
         return out, tf.where(valid, indices, -1), tf.reduce_mean(weights, axis=-1)
 
     def get_config(self):
