@@ -313,3 +313,22 @@ def test_mixed_precision_outputs_float32_and_finite_gradients(data, name):
     assert np.isfinite(float(loss))
     assert all(g is not None and np.all(np.isfinite(tf.convert_to_tensor(g).numpy()))
                for g in gradients)
+
+
+def test_stage1_input_mode_and_empty_selection(data):
+    import dataclasses
+
+    batch = data["batch"]
+    metadata = dataclasses.replace(data["metadata"], long_term_mode="stage1")
+    tf.keras.utils.set_random_seed(0)
+    model = M.build_model(small("qin"), metadata, data["embeddings"])
+    out = numpy_outputs(model(batch))
+    index = out[M.SELECTED_INDEX]
+    long_length = batch[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)].numpy()
+    assert np.all(index < 12) and (index >= 0).any()  # only the first K1 = 12 positions
+    assert np.all(index < long_length[:, None, None])
+    # A threshold no behaviour can pass: nothing selected, outputs still finite.
+    model = build(data, small("qin", relevance_threshold=1.0))
+    out = numpy_outputs(model(batch))
+    assert np.all(out[M.SELECTED_INDEX] == -1) and np.all(out[M.SELECTED_WEIGHT] == 0)
+    assert all(np.all(np.isfinite(out[t])) for t in list(data["metadata"].tasks) + [M.SCORE])
