@@ -1,13 +1,16 @@
 """Benchmark of the synthetic log generator: behaviours generated per second and peak memory.
 
 Each scale runs `preprocessing.synthetic.generate` in its own fresh Python process (so the peak
-RSS of one scale is not inherited by the next) and reports wall time, behaviours per second,
-requests per second, peak resident memory and output size. The workload per scale: users =
-behaviours / 550 (mean feed history 500 plus ~10% search clicks), 10 requests per user, items =
-2 x users (at least 2,000).
+RSS of one scale is not inherited by the next) and reports wall time, CPU time, behaviours per
+second (wall and CPU: the generator is single-threaded, so the CPU figure stays meaningful on a
+shared machine), requests per second, peak resident memory and output size. The workload per
+scale: users = behaviours / 550 (mean feed history 500 plus ~10% search clicks), 10 requests per
+user, items = 2 x users (at least 2,000); `--lifelong-users` adds users with 10^4-10^5 behaviours.
 
-Example (about 1 minute on 2 cores):
+Example (about 20 seconds of CPU):
   python -m benchmarks.bench_synthetic --behaviours 100000 1000000 --output bench_synthetic.json
+Memory check at 10^7 behaviours (about 80 seconds of CPU, ~300 MB of Parquet in a temp dir):
+  python -m benchmarks.bench_synthetic --behaviours 10000000 --lifelong-users 5
 """
 from __future__ import annotations
 
@@ -48,14 +51,19 @@ def run_one(params: Dict[str, int], output: str) -> Dict[str, float]:
     import preprocessing  # noqa: F401  (package init order)
     from preprocessing import synthetic
 
-    started = time.perf_counter()
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     summary = synthetic.generate(output, progress=True, **params)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     # ru_maxrss is KiB on Linux.
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(params, behaviours=summary["behaviours"], requests_written=summary["requests"],
-                seconds=round(seconds, 2),
+                seconds=round(seconds, 2), cpu_seconds=round(cpu, 2),
                 behaviours_per_second=round(summary["behaviours"] / seconds),
+                behaviours_per_cpu_second=round(summary["behaviours"] / max(cpu, 1e-9)),
                 requests_per_second=round(summary["requests"] / seconds),
                 peak_rss_mb=round(peak_mb, 1), output_mb=round(_directory_mb(output), 1))
 
@@ -96,8 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    header = ("behaviours", "users", "requests_written", "seconds", "behaviours_per_second",
-              "requests_per_second", "peak_rss_mb", "output_mb")
+    header = ("behaviours", "users", "requests_written", "seconds", "cpu_seconds",
+              "behaviours_per_second", "behaviours_per_cpu_second", "requests_per_second",
+              "peak_rss_mb", "output_mb")
     print(" | ".join(header))
     for r in results:
         print(" | ".join(f"{r[h]:,}" if isinstance(r[h], int) else str(r[h]) for h in header))
