@@ -334,8 +334,8 @@ def request_timestamps_to_cutoffs(timestamps: List[int], eval_fraction: float,
     if n == 0:
         return never, never
     ordered = np.sort(np.asarray(timestamps, np.int64))
-    n_test = math.ceil(n * test_fraction)
-    n_held = math.ceil(n * (test_fraction + eval_fraction))
+    n_test = math.ceil(n * test_fraction - 1e-9)  # tolerance: 100 * (0.1 + 0.2) = 30.000...04
+    n_held = math.ceil(n * (test_fraction + eval_fraction) - 1e-9)
     t_test = int(ordered[n - n_test]) if n_test else never
     t_eval = int(ordered[n - n_held]) if n_held else never
     return min(t_eval, t_test), t_test

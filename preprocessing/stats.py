@@ -93,7 +93,9 @@ def summarise(raw: Mapping[str, Any]) -> Dict[str, Any]:
         "items_without_embedding": counts.get("items_without_embedding", 0),
         "requests_with_empty_history": counts.get("requests_with_empty_history", 0),
         "dead_letters": grouped(counts, "dead_letter"),
-        "sequence_length": {name: distribution(h) for name, h in hists.items()},
+        "sequence_length": {name: distribution(h) for name, h in hists.items()
+                            if name != "candidates"},
+        "candidates_per_request": distribution(hists.get("candidates", {})),
     }
 
 
