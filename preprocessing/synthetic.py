@@ -977,7 +977,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed=args.seed, progress=True, lifelong_users=args.lifelong_users,
             embedding_dim=args.embedding_dim, topics=args.topics, subtopics=args.subtopics,
             min_candidates=lo, max_candidates=hi, mean_history=args.mean_history, days=args.days,
-            period_behaviours=args.period_behaviours, lifelong_backlog_days=args.lifelong_backlog_days,
+            period_behaviours=args.period_behaviours,
+            lifelong_backlog_days=args.lifelong_backlog_days,
             noise_share=args.noise_share, relevance_effect=args.relevance_effect,
             affinity_effect=args.affinity_effect, quality_std=args.quality_std)
     except ValueError as e:

@@ -221,9 +221,11 @@ def test_bad_settings_fail_fast_with_a_clear_message(tmp_path):
 
 def test_cli_help_run_and_error(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    run = lambda *args: subprocess.run([sys.executable, "-m", "preprocessing.synthetic", *args],  # noqa
-                                       capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                                       timeout=120)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "preprocessing.synthetic", *args],
+                              capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
+
     help_ = run("--help")
     assert help_.returncode == 0
     for option in ("--lifelong-users", "--embedding-dim", "--topics", "--subtopics",
