@@ -332,3 +332,16 @@ def test_stage1_input_mode_and_empty_selection(data):
     out = numpy_outputs(model(batch))
     assert np.all(out[M.SELECTED_INDEX] == -1) and np.all(out[M.SELECTED_WEIGHT] == 0)
     assert all(np.all(np.isfinite(out[t])) for t in list(data["metadata"].tasks) + [M.SCORE])
+
+
+def test_missing_features_and_out_of_vocabulary_ids(data):
+    model = build(data, small("qin"))
+    batch = dict(data["batch"])
+    with pytest.raises(ValueError, match="lacks features.*long_length"):
+        model({k: v for k, v in batch.items() if k != F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)})
+    unknown = dict(batch, **{F.CANDIDATE_ITEM: tf.zeros_like(batch[F.CANDIDATE_ITEM])})
+    beyond = dict(batch, **{F.CANDIDATE_ITEM: tf.fill(tf.shape(batch[F.CANDIDATE_ITEM]),
+                                                        tf.constant(10 ** 9, tf.int64))})
+    a, b = numpy_outputs(model(unknown)), numpy_outputs(model(beyond))
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=key)

@@ -50,6 +50,15 @@ def output_names(tasks):
     return list(tasks) + [SCORE, SELECTED_INDEX, SELECTED_WEIGHT]
 
 
+_UNUSED_INPUTS = (F.REQUEST_ID, F.USER_ID, F.REQUEST_TIME)
+
+
+def input_feature_names(metadata: F.DatasetMetadata):
+    """The features the model reads (a subset of `parse_examples` without labels)."""
+    names = [n for n in F.request_feature_names(metadata) if n not in _UNUSED_INPUTS]
+    return names + F.candidate_feature_names(metadata, with_labels=False)
+
+
 def cosine_similarity(a, b, axis=-1):
     """Cosine along `axis` of broadcastable a and b; 0 when either vector is zero."""
     return tf.reduce_sum(tf.math.l2_normalize(a, axis=axis, epsilon=1e-12)
@@ -162,6 +171,10 @@ class RankingModel(tfrs.models.Model):
         return self.request_tower(tf.concat([user, profile, query_tokens, query_embedding], -1))
 
     def _forward(self, features, training=False):
+        missing = [n for n in input_feature_names(self.metadata) if n not in features]
+        if missing:
+            raise ValueError(f"model input lacks features {missing}; build inputs with "
+                             f"common.features.parse_examples")
         c, e = self.config, self.embeddings
         cand_item = features[F.CANDIDATE_ITEM]
         cand_author = features[F.CANDIDATE_AUTHOR]
