@@ -35,8 +35,8 @@ search request and the history before it:
   letters with the reason and the line number.
 
 product_meta_data.txt (tab-separated, header `wid name brand_id brand_name cate_id_1 ...
-shop_id`) -> ItemRecord(author_id = brand_id, categories = (cate_id_1, cate_id_2), tokens =
-name terms). Products referenced by a line but absent from it still get an ItemRecord with
+shop_id`) -> ItemRecord(author_id = brand_id, categories = ("1:<cate_id_1>", "2:<cate_id_2>"),
+tokens = name terms). Products referenced by a line but absent from it still get an ItemRecord with
 unknown author and category (counted as `items_without_metadata`); a repeated wid keeps its
 first row by text and dead-letters the others (`duplicate_item`).
 """

@@ -20,7 +20,8 @@ Input files (CSV with a header; columns are found by name, extra columns are ign
                      zero (the search log has no watch time or like of the result). A session
                      id whose rows disagree on user, time or keyword becomes one request per
                      (user, time, keyword), with ids `<session>#<k>` (counted).
-  item_features.csv  -> ItemRecord(author_id, categories = (first, second level category id),
+  item_features.csv  -> ItemRecord(author_id, categories = ("1:<first level id>",
+                     "2:<second level id>"): the level prefix keeps equal ids of two levels apart),
                      tokens = caption token ids, embedding = text embedding of the caption)
   user_features.csv  (optional) -> UserRecord(profile = USER_PROFILE_FIELDS)
   social_network.csv is not read.
@@ -412,8 +413,11 @@ class ParseItemFeatures(beam.DoFn):
 
 
 def trim_categories(levels: Sequence[str]) -> Tuple[str, ...]:
-    """Category ids coarse to fine; trailing unknown levels dropped, inner ones kept as ""."""
-    levels = list(levels)[:F.NUM_CATEGORY_LEVELS]
+    """Category ids coarse to fine as "<level>:<id>" (level 1 = coarsest), so that equal ids of
+    different levels stay different entries of the core's one shared category vocabulary;
+    trailing unknown levels dropped, inner ones kept as ""."""
+    levels = [f"{k}:{c}" if c else "" for k, c in
+              enumerate(list(levels)[:F.NUM_CATEGORY_LEVELS], start=1)]
     while levels and not levels[-1]:
         levels.pop()
     return tuple(levels)

@@ -65,10 +65,10 @@ def test_records_from_published_layout(tmp_path):
         BehaviourRecord("u7", "204", B, F.SOURCE_FEED, E["CART"]),
     ]), label="behaviours")
     assert_that(out["items"], equal_to([
-        ItemRecord("200", "b1", ("1", "2"), None, (11, 21)),
-        ItemRecord("201", "", ("", "3"), None, (13,)),
-        ItemRecord("300", "b3", ("4", "5"), None, (16,)),  # first row by text wins
-        ItemRecord("999", "b9", ("6", "7"), None, (18,)),
+        ItemRecord("200", "b1", ("1:1", "2:2"), None, (11, 21)),
+        ItemRecord("201", "", ("", "2:3"), None, (13,)),
+        ItemRecord("300", "b3", ("1:4", "2:5"), None, (16,)),  # first row by text wins
+        ItemRecord("999", "b9", ("1:6", "2:7"), None, (18,)),
         *[ItemRecord(w, "", (), None, ()) for w in (BIG, "202", "203", "204", "301")],
     ]), label="items")
     assert_that(out["users"], equal_to([]), label="users")

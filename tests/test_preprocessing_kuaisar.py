@@ -71,10 +71,10 @@ def test_records_from_published_layout(tmp_path):
         RequestRecord("503", "2", T0 + 8000, (5,), None, ("16",), {"click": [0.0]}),
     ]), label="requests")
     assert_that(out["items"], equal_to([
-        ItemRecord("11", "900", ("1", "2"), None, (20, 7)),
-        ItemRecord("12", "901", ("1",), None, ()),
-        ItemRecord("13", "", ("", "3"), None, (34, 8)),
-        ItemRecord("99", "903", ("5", "6"), None, (7,)),
+        ItemRecord("11", "900", ("1:1", "2:2"), None, (20, 7)),
+        ItemRecord("12", "901", ("1:1",), None, ()),
+        ItemRecord("13", "", ("", "2:3"), None, (34, 8)),
+        ItemRecord("99", "903", ("1:5", "2:6"), None, (7,)),
         # referenced but without (usable) metadata: bare records
         *[ItemRecord(i, "", (), None, ()) for i in ("101", "102", "103", "106", "14", "16")],
     ]), label="items")
@@ -209,3 +209,95 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
 
     assert_that(out["requests"], check)
     pipeline.run().wait_until_finish()
+
+
+# ---- end to end: `python -m preprocessing` on the tiny files, TFRecords read back ------------
+def _read_back(out_dir):
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    metadata = F.DatasetMetadata.load(out_dir)
+    items = [""] + F.read_vocabulary(out_dir, "items")
+    examples = {}
+    for split in F.SPLITS:
+        files = sorted(glob.glob(os.path.join(out_dir, split, "*.tfrecord.gz")))
+        if not files:
+            continue
+        ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8).map(
+            lambda s: F.parse_examples(s, metadata))
+        for batch in ds.as_numpy_iterator():
+            for b in range(batch[F.REQUEST_ID].shape[0]):
+                row = {name: value[b] for name, value in batch.items()}
+                examples[row[F.REQUEST_ID].decode()] = row
+    return metadata, items, examples
+
+
+def _long_sequence(row, items):
+    n = int(row[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)])
+    field = lambda name: row[F.seq_feature(F.LONG_TERM, name)][:n]  # noqa: E731
+    return [(items[int(i)], float(g), int(s), tuple(float(x) for x in e))
+            for i, g, s, e in zip(field(F.SEQ_ITEM), field(F.SEQ_TIME_GAP),
+                                  field(F.SEQ_SOURCE), field(F.SEQ_ENGAGEMENT))]
+
+
+def _labels(row, items, task):
+    n = int(row[F.NUM_CANDIDATES])
+    return {items[int(i)]: float(v) for i, v in
+            zip(row[F.CANDIDATE_ITEM][:n], row[F.label_feature(task)][:n])}
+
+
+def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
+    from common.feature_store import SqliteFeatureStore
+    from preprocessing.__main__ import main
+
+    raw = write_kuaisar(
+        str(tmp_path / "raw"),
+        rec_rows=[rec_row(1, 101, 5000, 10000, T0, like=1),
+                  rec_row(1, 102, 15000, 10000, T0 + 1000, follow=1),
+                  rec_row(2, 103, 1000, 1000, T0 + 500)],
+        src_rows=[src_row(1, 500, T0 + 5000, "[20, 34]", 11, 1),
+                  src_row(1, 500, T0 + 5000, "[20, 34]", 12, 0),
+                  src_row(1, 500, T0 + 5000, "[20, 34]", 13, 3),
+                  src_row(1, 600, T0 + 9000, "[20, 7]", 11, 0),
+                  src_row(1, 600, T0 + 9000, "[20, 7]", 14, 1),
+                  src_row(2, 700, T0 + 9500, "[99]", 12, 0)],
+        item_rows=[item_row(11, "[20, 5]", 900, 1, 2), item_row(12, "[34, 6]", 901, 1, 3),
+                   item_row(13, "[34, 5]", 900, 1, 2), item_row(14, "[7, 20]", 902, 4, 5)],
+        user_rows=[[1, 2, 3, 0, 1], [2, 1, 1, 1, 1]])
+    out = str(tmp_path / "out")
+    assert main(["--input-format", "kuaisar", "--input", raw, "--output", out,
+                 "--embedding-dim", "8", "--eval-fraction", "0", "--test-fraction", "0"]) == 0
+    metadata, items, examples = _read_back(out)
+    assert tuple(metadata.tasks) == F.KUAISAR_TASKS
+    assert tuple(metadata.engagement_names) == F.ENGAGEMENT_NAMES["kuaisar"]
+    assert metadata.embedding_dim == 8 and set(examples) == {"500", "600", "700"}
+
+    first, second = examples["500"], examples["600"]
+    assert _labels(first, items, "click") == {"11": 1.0, "12": 0.0, "13": 1.0}
+    assert _labels(second, items, "click") == {"11": 0.0, "14": 1.0}
+    feed_102 = ("102", 4.0, F.SOURCE_FEED, (1.5, 0.0, 1.0, 0.0))
+    feed_101 = ("101", 5.0, F.SOURCE_FEED, (0.5, 1.0, 0.0, 0.0))
+    # session 500's own clicks happen at its time: not in its features, in the next session's
+    assert _long_sequence(first, items) == [feed_102, feed_101]
+    later = _long_sequence(second, items)
+    assert sorted(later[:2]) == [("11", 4.0, F.SOURCE_SEARCH, (0.0,) * 4),
+                                 ("13", 4.0, F.SOURCE_SEARCH, (0.0,) * 4)]
+    assert later[2:] == [("102", 8.0, F.SOURCE_FEED, (1.5, 0.0, 1.0, 0.0)),
+                         ("101", 9.0, F.SOURCE_FEED, (0.5, 1.0, 0.0, 0.0))]
+    assert int(examples["700"][F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)]) == 1
+
+    # the serving client's query encoding (query vocabulary in the feature store) reproduces the
+    # query embedding the ranker was trained with
+    store = SqliteFeatureStore(f"{out}/feature_store.sqlite")
+    for request_id, tokens in (("500", [20, 34]), ("600", [20, 7]), ("700", [99])):
+        _, embedding = store.encode_query(tokens)
+        np.testing.assert_allclose(embedding, examples[request_id][F.QUERY_EMBEDDING],
+                                   rtol=1e-5, atol=1e-6)
+    assert abs(np.linalg.norm(examples["500"][F.QUERY_EMBEDDING]) - 1.0) < 1e-5
+    table = np.load(f"{out}/{F.ITEM_EMBEDDINGS_FILE}")
+    assert table.shape == (metadata.num_items + 1, 8)
+    assert abs(np.linalg.norm(table[items.index("11")]) - 1.0) < 1e-5
+    assert not table[items.index("101")].any()  # no caption: zero vector
+    store.close()
