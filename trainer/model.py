@@ -32,10 +32,9 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from common import features as F
-from trainer.config import MODEL_CONFIG_FILE, ModelConfig
+from trainer.config import ModelConfig
 from trainer.layers import masking
-from trainer.layers.embeddings import (CROSS_FEATURE_DIM, FeatureEmbeddings,
-                                       behaviour_cross_features)
+from trainer.layers.embeddings import FeatureEmbeddings, behaviour_cross_features
 from trainer.layers.mmoe import MMoE
 
 SCORE = "score"

@@ -10,8 +10,6 @@ behaviours get weight exactly 0, so an empty sequence yields a zero vector.
 """
 import tensorflow as tf
 
-from trainer.layers import masking
-
 
 class DinAttention(tf.keras.layers.Layer):
     """call(tokens [B, R, F], mask [B, R], target [B, N, Ft]) -> (u [B, N, H], w [B, N, R])."""
