@@ -402,7 +402,8 @@ class JoinUser(beam.DoFn):
             yield _stat("examples")
             yield _stat(f"split/{split}")
             yield _stat("candidates", len(request[F.CANDIDATE_ITEM]))
-            yield (split, F.make_example(example, cfg["tasks"]).SerializeToString())
+            yield (split, F.make_example(example, cfg["tasks"]).SerializeToString(
+                deterministic=True))  # sorted feature map: identical bytes on every worker
 
 
 # ---- the pipeline ----------------------------------------------------------------------------
