@@ -1,5 +1,7 @@
 """JDsearch reader: records produced from tiny files in the published layout, on Beam's
 in-process runner."""
+import json
+
 import numpy as np
 import pytest
 
@@ -168,3 +170,73 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
     assert_that(out["requests"], check, label="requests")
     assert_that(out["items"], check_items, label="items")
     pipeline.run().wait_until_finish()
+
+
+# ---- end to end: `python -m preprocessing` on the tiny files, TFRecords read back ------------
+def _read_back(out_dir):
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    metadata = F.DatasetMetadata.load(out_dir)
+    items = [""] + F.read_vocabulary(out_dir, "items")
+    examples = {}
+    for split in F.SPLITS:
+        files = sorted(glob.glob(os.path.join(out_dir, split, "*.tfrecord.gz")))
+        if not files:
+            continue
+        ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8).map(
+            lambda s: F.parse_examples(s, metadata))
+        for batch in ds.as_numpy_iterator():
+            for b in range(batch[F.REQUEST_ID].shape[0]):
+                row = {name: value[b] for name, value in batch.items()}
+                examples[row[F.REQUEST_ID].decode()] = row
+    return metadata, items, examples
+
+
+def _long_sequence(row, items):
+    n = int(row[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)])
+    field = lambda name: row[F.seq_feature(F.LONG_TERM, name)][:n]  # noqa: E731
+    return [(items[int(i)], float(g), int(s), tuple(float(x) for x in e))
+            for i, g, s, e in zip(field(F.SEQ_ITEM), field(F.SEQ_TIME_GAP),
+                                  field(F.SEQ_SOURCE), field(F.SEQ_ENGAGEMENT))]
+
+
+def _labels(row, items, task):
+    n = int(row[F.NUM_CANDIDATES])
+    return {items[int(i)]: float(v) for i, v in
+            zip(row[F.CANDIDATE_ITEM][:n], row[F.label_feature(task)][:n])}
+
+
+def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
+    from preprocessing.__main__ import main
+
+    lines = [LINES[0], LINES[1], LINES[3],  # a malformed line is counted, not fatal
+             jd_line([14], ["200", "300"], [2, 0],
+                     history=[([14], "201", "CLICK")], gaps=[0, 30])]
+    raw = write_jdsearch(str(tmp_path / "raw"), lines, PRODUCTS[:5])
+    out = str(tmp_path / "out")
+    assert main(["--input-format", "jdsearch", "--input", raw, "--output", out,
+                 "--embedding-dim", "8", "--eval-fraction", "0", "--test-fraction", "0"]) == 0
+    metadata, items, examples = _read_back(out)
+    assert tuple(metadata.tasks) == F.JDSEARCH_TASKS
+    assert tuple(metadata.engagement_names) == F.ENGAGEMENT_NAMES["jdsearch"]
+    assert set(examples) == {"r2", "r3", "r5"}
+    row = examples["r2"]
+    assert _labels(row, items, "click") == {BIG: 1.0, "200": 0.0, "201": 1.0, "202": 1.0}
+    assert _labels(row, items, "cart") == {BIG: 0.0, "200": 0.0, "201": 1.0, "202": 1.0}
+    assert _labels(row, items, "purchase") == {BIG: 0.0, "200": 0.0, "201": 1.0, "202": 0.0}
+    # history (most recent first): gaps to the request are the remaining intervals, in seconds
+    assert _long_sequence(row, items) == [("200", 3.0, F.SOURCE_SEARCH, E["FLW"]),
+                                          ("301", 10.0, F.SOURCE_SEARCH, E["ORD"]),
+                                          ("300", 15.0, F.SOURCE_FEED, E["CLICK"])]
+    assert list(row[F.QUERY_TOKENS][:int(row[F.QUERY_LENGTH])]) == [
+        F.query_token_index(t, metadata.query_token_buckets) for t in (11, 12)]
+    assert _long_sequence(examples["r3"], items) == []  # empty history
+    assert _labels(examples["r5"], items, "cart") == {"200": 1.0, "300": 0.0}
+    assert _long_sequence(examples["r5"], items) == [("201", 30.0, F.SOURCE_SEARCH, E["CLICK"])]
+    assert BIG in items  # the 20-digit product id survives as an exact string
+    with open(f"{out}/stats.json") as f:
+        stats = json.load(f)
+    assert "user_behavior_data.txt:wrong_field_count" in json.dumps(stats)
