@@ -108,7 +108,7 @@ def run(args, store=None) -> Dict[str, object]:
             "something else. Preprocess with --long-term-mode stage1 (or pass "
             "--allow-recent-mode to measure anyway).")
     config = ModelConfig.load(args.model_dir)
-    k1 = args.k1 or metadata.long_term_length
+    k1 = min(args.k1, metadata.long_term_length)
     tasks = list(metadata.tasks)
     if store is None:
         store = open_feature_store(
@@ -199,6 +199,14 @@ def markdown(result: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
+def default_stage1_k() -> int:
+    try:
+        from preprocessing.options import DEFAULT_STAGE1_K
+    except ImportError:  # preprocessing not installed next to serving
+        return 100
+    return int(DEFAULT_STAGE1_K)
+
+
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,11 +217,11 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="trained model directory of `python -m trainer.task`")
     parser.add_argument("--split", default="eval", choices=F.SPLITS)
     parser.add_argument("--feature-store", help="default: DATA/feature_store.sqlite")
-    parser.add_argument("--k1", type=int, default=0,
-                        help="stage-1 size used by preprocessing (default: the metadata's "
-                             "long_term_length)")
+    parser.add_argument("--k1", type=int, default=default_stage1_k(),
+                        help="must equal preprocessing's --stage1-k (default: its default, "
+                             "%(default)s)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="stage-1 cosine threshold used by preprocessing (default none)")
+                        help="must equal preprocessing's --stage1-threshold (default none)")
     parser.add_argument("--scann-min-history", type=int, default=Stage1Config.scann_min_history,
                         help="distinct items from which a user is served by ScaNN (default: "
                              "the serving default; 16 forces ScaNN for every user; a huge "
@@ -227,6 +235,8 @@ def parse_args(argv: Optional[List[str]] = None):
     args = parser.parse_args(argv)
     if args.scann_min_history < 16:
         parser.error("--scann-min-history must be >= 16")
+    if args.k1 < 1:
+        parser.error("--k1 must be >= 1")
     return args
 
 

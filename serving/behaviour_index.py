@@ -73,7 +73,7 @@ class Stage1Config:
     # Histories shorter than this are searched exactly (NumPy): ScaNN's gain is small there and
     # exact search is what training sees. Longer ones get a base index over their distinct items,
     # searched by ScaNN when it holds at least this many distinct items, exactly otherwise.
-    scann_min_history: int = 10_000
+    scann_min_history: int = 20_000
     # Rebuild a ScaNN base when its exact delta buffer holds more rows than
     # max(delta_rebuild_size, delta_rebuild_fraction * base rows).
     delta_rebuild_size: int = 2_000

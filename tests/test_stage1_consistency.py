@@ -175,7 +175,7 @@ def test_replay_end_to_end_on_a_trained_model(tmp_path):
                       "--config", '{"k1": 8, "k2": 4}', "--epochs", "1", "--batch-size", "32",
                       "--eval-batch-size", "32", "--seed", "1"]) == 0
     store = InMemoryStore(table, histories)
-    exact = C.run(C.parse_args(["--data", data, "--model-dir", model_dir,
+    exact = C.run(C.parse_args(["--data", data, "--model-dir", model_dir, "--k1", "16",
                                 "--scann-min-history", str(10**12), "--batch-size", "16"]), store)
     assert exact["requests"] == 48
     assert exact["stage1_backends"] == {"exact": 48}
@@ -183,7 +183,7 @@ def test_replay_end_to_end_on_a_trained_model(tmp_path):
     assert exact["max_abs_delta_gauc"] == 0.0 and exact["within_target"]
     for row in exact["tasks"].values():
         assert 0.0 <= row["exact"]["gauc_request"] <= 1.0
-    forced = C.run(C.parse_args(["--data", data, "--model-dir", model_dir,
+    forced = C.run(C.parse_args(["--data", data, "--model-dir", model_dir, "--k1", "16",
                                  "--scann-min-history", "16", "--batch-size", "16",
                                  "--max-requests", "32"]), store)
     # Requests far in a user's past hide most of the index: those are answered exactly.
