@@ -283,12 +283,20 @@ class Stage1Searcher:
                        features: Optional[Mapping[str, Sequence]] = None) -> None:
         """Appends new behaviours. They go to the exact delta buffer at once (visible to the next
         request); the ScaNN base is rebuilt when the delta is large. A behaviour older than the
-        user's latest one re-sorts the history and rebuilds the user's index synchronously."""
+        user's latest one re-sorts the history and rebuilds the user's index synchronously.
+
+        With a history loader (a feature store), write the behaviours to the store first: a user
+        not in memory is not loaded here but on its next request, from the store."""
         items, times = self._validate(item_indices, timestamps_ms)
         columns = _validate_features(features, items.shape[0])
         if items.shape[0] == 0:
             return
-        user = self._user(user_id, create=True, load=True)
+        if self._loader is not None and not self._resident(user_id):
+            # Not in memory: the store (already holding these behaviours) is loaded whole on the
+            # user's next request; appending here as well would count them twice.
+            self.counters["appends_left_to_the_store"] += int(items.shape[0])
+            return
+        user = self._user(user_id, create=True, load=False)
         with user.lock:
             old = user.snapshot
             if old.size and set(columns) != set(old.features):
@@ -326,7 +334,9 @@ class Stage1Searcher:
     def wait_for_rebuilds(self, timeout_s: float = 60.0) -> None:
         """Blocks until background rebuilds started so far are done (tests, clean shutdown)."""
         deadline = time.monotonic() + timeout_s
-        for thread in list(self._rebuild_threads.values()):
+        with self._users_lock:
+            threads = list(self._rebuild_threads.values())
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- querying ----------------------------------------------------------------------------
@@ -361,6 +371,10 @@ class Stage1Searcher:
                 return self._scann_top_k(snap, query, k, visible, threshold)
             self.counters["scann_fallback_point_in_time"] += 1
         return self._exact_top_k(snap, query, k, visible, threshold)
+
+    def _resident(self, user_id: str) -> bool:
+        with self._users_lock:
+            return user_id in self._users
 
     def history_length(self, user_id: str) -> int:
         user = self._user(user_id, create=False, load=False)
@@ -455,7 +469,8 @@ class Stage1Searcher:
         if cfg.background_rebuild:
             thread = threading.Thread(target=self._rebuild, args=(user_id, user, True),
                                       name=f"stage1-rebuild-{user_id}", daemon=True)
-            self._rebuild_threads[user_id] = thread
+            with self._users_lock:
+                self._rebuild_threads[user_id] = thread
             thread.start()
         else:
             self._rebuild(user_id, user, True)
@@ -481,6 +496,9 @@ class Stage1Searcher:
             if claimed:
                 with user.lock:
                     user.rebuilding = False
+                with self._users_lock:
+                    if self._rebuild_threads.get(user_id) is threading.current_thread():
+                        del self._rebuild_threads[user_id]
 
     def _with_base(self, snap: _Snapshot, rows: int) -> _Snapshot:
         """A snapshot whose first `rows` rows are indexed by ScaNN (exact if ScaNN cannot be
@@ -492,9 +510,8 @@ class Stage1Searcher:
         except (ValueError, RuntimeError) as err:  # degenerate data: exact stays correct
             self.counters["scann_build_failures"] += 1
             logger.warning("no ScaNN index over %d rows (%s); searching them exactly", rows, err)
-            return _Snapshot(snap.embeddings, snap.items, snap.timestamps, snap.size,
-                             generation=snap.generation, features=snap.features)
-        self.counters["scann_builds"] += 1
+            base = ScannBase.build(snap.items[:rows], self._table, self.config, exact=True)
+        self.counters["scann_builds" if base.searcher is not None else "exact_bases"] += 1
         return _Snapshot(snap.embeddings, snap.items, snap.timestamps, snap.size, base, rows,
                          snap.generation, snap.features)
 
@@ -548,12 +565,13 @@ class ScannBase:
         return "exact" if self.searcher is None else "scann"
 
     @classmethod
-    def build(cls, items: np.ndarray, unit_table: np.ndarray, config: Stage1Config) -> "ScannBase":
+    def build(cls, items: np.ndarray, unit_table: np.ndarray, config: Stage1Config,
+              exact: bool = False) -> "ScannBase":
         rows_by_item = np.argsort(items, kind="stable").astype(np.int64)
         distinct, starts, counts = np.unique(items[rows_by_item], return_index=True,
                                              return_counts=True)
         data = np.ascontiguousarray(unit_table[distinct])
-        if distinct.shape[0] < max(config.scann_min_history, cls.MIN_DISTINCT_ITEMS):
+        if exact or distinct.shape[0] < max(config.scann_min_history, cls.MIN_DISTINCT_ITEMS):
             searcher, leaves, vectors = None, 0, data
         else:
             (searcher, leaves), vectors = build_scann(data, config), None

@@ -489,3 +489,35 @@ def test_searcher_over_the_sqlite_feature_store(tmp_path, data):
     np.testing.assert_array_equal(got.features[features.SEQ_CATEGORY][hit],
                                   arrays["category"][most_recent_first])
     store.close()
+
+
+def test_appends_for_a_user_not_in_memory_are_left_to_the_store(data):
+    rng, table, centres = data
+    items, times = history(rng, 40, 5000)
+    store_rows = {"u": (items, times)}
+    searcher = Stage1Searcher(table, history_loader=lambda u: store_rows.get(u, ([], [])))
+    # The store already holds the two newest behaviours when the index hears of them.
+    searcher.add_behaviours("u", items[-2:], times[-2:])
+    assert searcher.history_length("u") == 0, "not loaded by an append"
+    got = searcher.top_k("u", centres[0], 100)
+    assert got.history_length == 40, "loaded once from the store, nothing counted twice"
+    searcher.add_behaviours("u", [3], [int(times[-1]) + 1])  # now resident: appended
+    assert searcher.top_k("u", centres[0], 100).history_length == 41
+
+
+def test_a_failing_scann_build_falls_back_to_exact_search(data, monkeypatch):
+    import serving.behaviour_index as bi
+
+    rng, table, centres = data
+    items, times = history(rng, 2500, 5000)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated ScaNN failure")
+
+    monkeypatch.setattr(bi, "build_scann", broken)
+    searcher = Stage1Searcher(table, small_scann_config())
+    searcher.set_history("u", items, times)
+    assert searcher.counters["scann_build_failures"] == 1
+    got = searcher.top_k("u", centres[4], 60)
+    assert got.backend == "exact"
+    np.testing.assert_array_equal(got.rows, reference_top_k(table, items, times, centres[4], 60))
