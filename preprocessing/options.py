@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query token ids are hashed into [1, buckets)")
     p.add_argument("--profile-buckets", type=int, default=F.DEFAULT_PROFILE_BUCKETS,
                    help="user-profile values are hashed into [1, buckets)")
+    text = p.add_argument_group(
+        "text embeddings (kuaisar, jdsearch: prepare() trains a query/item text tower; see "
+        "preprocessing/text_embeddings.py)")
+    text.add_argument("--seed", type=int, default=None, help="seed of the text tower")
+    text.add_argument("--text-tower-epochs", type=int, default=None, help="training epochs")
+    text.add_argument("--text-tower-max-steps", type=int, default=None,
+                      help="cap on training steps")
+    text.add_argument("--text-tower-batch-size", type=int, default=None, help="batch size")
     p.add_argument("--no-feature-store", action="store_true",
                    help="skip writing OUT/feature_store.sqlite")
     return p
