@@ -55,6 +55,14 @@ def model_dir(tiny_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def trained_model(model_dir, tiny_dataset):
+    """The model rebuilt from the directory the way the export CLI does it."""
+    from trainer.model import load_trained_model
+
+    return load_trained_model(model_dir, tiny_dataset)
+
+
+@pytest.fixture(scope="module")
 def published(model_dir, tiny_dataset, tmp_path_factory):
     """Version 1 written by the CLI (default verification on), with its summary."""
     base = str(tmp_path_factory.mktemp("models"))
@@ -103,16 +111,13 @@ def test_cli_publishes_a_complete_verified_version(published, tiny_dataset):
     assert "verifying in a clean TensorFlow process" in stderr and "published" in stderr
 
 
-def test_versions_are_numbered_and_immutable(published, model_dir, tiny_dataset):
-    from trainer.model import load_trained_model
-
+def test_versions_are_numbered_and_immutable(published, model_dir, trained_model, tiny_dataset):
     base, _, _ = published
     model_root = os.path.join(base, "qin")
     os.makedirs(os.path.join(model_root, "notes"))  # non-numeric folders are not versions
     assert E.numeric_versions(model_root) == [1] and E.next_version(model_root) == 2
     metadata = F.DatasetMetadata.load(tiny_dataset)
-    model = load_trained_model(model_dir, tiny_dataset)
-    summary = E.export_model(model, metadata, base, "qin", sample_requests=_test_requests(
+    summary = E.export_model(trained_model, metadata, base, "qin", sample_requests=_test_requests(
         tiny_dataset, 1), warmup_requests=1, verify=False, log=lambda _: None)
     assert summary["version"] == 2 and E.numeric_versions(model_root) == [1, 2]
     with pytest.raises(E.ExportError, match="immutable"):
@@ -129,20 +134,24 @@ def test_versions_are_numbered_and_immutable(published, model_dir, tiny_dataset)
     assert E.numeric_versions(model_root) == [1, 2]
 
 
-def test_an_interrupted_export_publishes_nothing(model_dir, tiny_dataset, tmp_path, monkeypatch):
-    from trainer.model import load_trained_model
-
+def test_an_interrupted_export_publishes_nothing(trained_model, tiny_dataset, tmp_path,
+                                                 monkeypatch):
     metadata = F.DatasetMetadata.load(tiny_dataset)
-    model = load_trained_model(model_dir, tiny_dataset)
     base = str(tmp_path / "interrupted")
+    written = []
 
-    def interrupt(*_):
+    def half_written(model, md, export_dir):  # Ctrl-C while the SavedModel is being written
+        os.makedirs(os.path.join(export_dir, "variables"))
+        with open(os.path.join(export_dir, S.SAVED_MODEL_FILE), "wb") as f:
+            f.write(b"partial")
+        written.append(export_dir)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E.W, "write_warmup", interrupt)  # after the SavedModel is on disk
+    monkeypatch.setattr(E.S, "save_servable", half_written)
     with pytest.raises(KeyboardInterrupt):
-        E.export_model(model, metadata, base, "qin", sample_requests=_test_requests(
+        E.export_model(trained_model, metadata, base, "qin", sample_requests=_test_requests(
             tiny_dataset, 1), warmup_requests=1, verify=False, log=lambda _: None)
+    assert written and os.path.basename(written[0]).startswith(E.TMP_PREFIX)
     assert os.listdir(os.path.join(base, "qin")) == []  # temporary folder removed too
 
 
