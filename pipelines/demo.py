@@ -58,6 +58,20 @@ def _task_dir(run_dir: str, task: str) -> str:
     return matches[0]
 
 
+def _sample_user_queries(raw_dir: str, count: int):
+    """(user, query text) pairs from the last generated search requests, in query words."""
+    import pyarrow.parquet as pq
+
+    vocab = pq.read_table(os.path.join(raw_dir, "query_vocab.parquet"),
+                          columns=["token_id", "word"]).to_pydict()
+    words = dict(zip(vocab["token_id"], vocab["word"]))
+    requests = pq.read_table(os.path.join(raw_dir, "requests.parquet"),
+                             columns=["user_id", "timestamp", "query_tokens"]).to_pandas()
+    latest = requests.sort_values("timestamp").drop_duplicates("user_id", keep="last")
+    for row in latest.tail(count).itertuples():
+        yield row.user_id, " ".join(words[t] for t in row.query_tokens)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lifelong_users=args.lifelong_users, epochs=args.epochs,
         long_term_mode="stage1" if args.lifelong_users else "recent",
         model_base_path=base_path, model_name="qin"), os.path.join(output, "pipeline_runs"))
+    raw_dir = os.path.join(_task_dir(run_dir, "acquire-raw-logs"), "raw")
     data_dir = os.path.join(_task_dir(run_dir, "preprocess"), "data")
     model_dir = os.path.join(_task_dir(run_dir, "train"), "model")
     evaluate_dir = _task_dir(run_dir, "evaluate")
@@ -106,21 +121,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     _banner("3/4  TF Serving-protocol gRPC server on 127.0.0.1")
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    # TF Serving semantics: the model base path is the folder holding the numeric versions.
     server = subprocess.Popen([sys.executable, "-m", "serving.server", "--model-base-path",
-                               base_path, "--model-name", "qin", "--port", str(port)])
+                               os.path.join(base_path, "qin"), "--model-name", "qin",
+                               "--port", str(port)])
     try:
         _wait_serving(address)
         print(f"serving {base_path}/qin at {address}")
         _banner("4/4  client: (user, query) -> ranked list")
-        from common.feature_store import SqliteFeatureStore
         from serving import client
 
-        store_path = os.path.join(data_dir, "feature_store.sqlite")
-        store = SqliteFeatureStore(store_path)
-        for user_id, query in client.sample_user_queries(store, count=3, seed=args.seed):
-            print(f"\nuser {user_id}  query {query!r}")
-            ranked = client.rank(address, store, user_id, query, top_k=5)
-            print(client.format_ranked_list(ranked))
+        store = client.open_feature_store(os.path.join(data_dir, "feature_store.sqlite"))
+        stub, channel = client.make_stub(address)
+        with channel:
+            for user_id, query in _sample_user_queries(raw_dir, count=3):
+                result = client.rank(stub, store, user_id, query, top_k=5)
+                print()
+                print(client.format_result(result))
     finally:
         server.terminate()  # SIGTERM: the server drains in-flight requests and exits
         server.wait(timeout=60)
@@ -133,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"TensorBoard logs  {os.path.join(model_dir, 'logs')}   "
           f"(.venv/bin/tensorboard --logdir {os.path.join(model_dir, 'logs')})")
     print(f"exported model    {base_path}/qin  (saved_model_cli show --all --dir <version dir>)")
-    print(f"serve it again    .venv/bin/python -m serving.server --model-base-path {base_path} "
+    print(f"serve it again    .venv/bin/python -m serving.server --model-base-path {base_path}/qin "
           f"--model-name qin --port 8500")
     print(json.dumps({"run_dir": run_dir, "data": data_dir, "model": model_dir}, indent=2))
     return 0
