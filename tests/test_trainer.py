@@ -95,8 +95,8 @@ def test_bad_input_fails_with_a_clear_message(tiny_dataset, tmp_path):
 
 def _command(tiny_dataset, model_dir):
     return [sys.executable, "-m", "trainer.task", "--data", tiny_dataset, "--model-dir",
-            str(model_dir), "--model", "qin", "--epochs", "3", "--steps-per-epoch", "60",
-            "--batch-size", "8", "--log-every-steps", "40", "--eval-batches", "1"]
+            str(model_dir), "--model", "dnn", "--epochs", "3", "--steps-per-epoch", "150",
+            "--batch-size", "8", "--log-every-steps", "50", "--eval-batches", "1"]
 
 
 def test_killed_run_resumes_from_its_last_epoch(tiny_dataset, tmp_path):
@@ -105,7 +105,7 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_dataset, tmp_path):
     log1 = open(tmp_path / "run1.log", "w")
     first = subprocess.Popen(_command(tiny_dataset, model_dir), cwd=ROOT, stdout=log1,
                              stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
+    deadline = time.time() + 240
     epochs_done = 0
     try:
         while time.time() < deadline and first.poll() is None:
@@ -126,12 +126,12 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_dataset, tmp_path):
     assert not (model_dir / "training_summary.json").exists()
 
     second = subprocess.run(_command(tiny_dataset, model_dir), cwd=ROOT, capture_output=True,
-                            text=True, timeout=150)
+                            text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resumed from checkpoint: global step 60, continuing at epoch 2/3" in second.stdout
+    assert "resumed from checkpoint: global step 150, continuing at epoch 2/3" in second.stdout
     assert "starting training from scratch" not in second.stdout
     summary = json.loads((model_dir / "training_summary.json").read_text())
-    assert summary["global_step"] == 3 * 60  # not 60 + 3 * 60: no epoch retrained
-    assert summary["resumed_from_step"] == 60
+    assert summary["global_step"] == 3 * 150  # not 150 + 3 * 150: no epoch retrained
+    assert summary["resumed_from_step"] == 150
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
     assert len(summary["train_loss_this_run"]) == 2
