@@ -614,11 +614,14 @@ def finish(output: str, config: Dict[str, Any], prepared: Dict[str, Any], cutoff
                                 "preceding eval_fraction -> eval (ties share a split)",
                   "eval_fraction": config["eval_fraction"],
                   "test_fraction": config["test_fraction"]})
+    text_tower = prepared.get("reader_kwargs", {}).get("text_tower_stats")
+    if text_tower:
+        stats["text_tower"] = text_tower
     if write_feature_store:
         stats["feature_store"] = _write_feature_store(output, metadata, item_rows, prepared,
                                                       progress)
     _write_bytes(os.path.join(output, STATS_FILE),
-                 json.dumps(stats, indent=2, sort_keys=True).encode())
+                 json.dumps(stats, indent=2, sort_keys=True, default=float).encode())
     for match in FileSystems.match([os.path.join(work, "*")])[0].metadata_list:
         FileSystems.delete([match.path])
     if not output.startswith("gs://") and os.path.isdir(work):
@@ -662,9 +665,10 @@ def run(argv: Optional[Sequence[str]] = None, progress=print) -> Dict[str, Any]:
     args, beam_args = O.parse_args(argv)
     started = time.time()
     progress(f"[1/3] checking {args.input} as --input-format {args.input_format}")
-    local_work = tempfile.mkdtemp(prefix="prep-")
     try:
-        prepared = prepare_input(args, local_work)
+        # the readers' prepare() keeps what it trains (text_encoder.npz, text_tower_stats.json)
+        # next to the data it describes
+        prepared = prepare_input(args, args.output)
         config = core_config(args, prepared)
         config["num_shards"] = args.num_shards
         for split in F.SPLITS:  # a rerun must not mix old shards with new ones
@@ -683,8 +687,9 @@ def run(argv: Optional[Sequence[str]] = None, progress=print) -> Dict[str, Any]:
                  f"({time.time() - started:.1f}s so far)")
         stats = finish(args.output, config, prepared, write_feature_store=not args.no_feature_store,
                        progress=progress)
-    finally:
-        shutil.rmtree(local_work, ignore_errors=True)
+    except KeyboardInterrupt:
+        progress("interrupted: the output directory is incomplete; rerun the command")
+        raise
     stats["seconds"] = round(time.time() - started, 2)
     progress(S.format_summary(stats))
     progress(f"done in {stats['seconds']:.1f}s -> {args.output}")
