@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -569,8 +568,6 @@ def finish(output: str, config: Dict[str, Any], prepared: Dict[str, Any], cutoff
            write_feature_store: bool = True, progress=print) -> Dict[str, Any]:
     """Writes vocab/, item_embeddings.npy, metadata.json, stats.json and the feature store from
     the pipeline's intermediate files; returns the stats."""
-    from common.feature_store import SqliteFeatureStore
-
     work = os.path.join(output, WORK_DIR)
     vocab, item_rows = None, []
     for line in _read_lines(os.path.join(work, "catalog*")):
