@@ -53,8 +53,9 @@ def qin_pipeline(
     trained.set_retry(num_retries=2)  # checkpoints make a retried train step resume
     evaluation = components.evaluate(
         data=data.outputs["data"], model=trained.outputs["model"], split="test")
-    with dsl.If(evaluation.outputs["click_gauc"] >= min_click_gauc, name="gauc-gate"):
-        with dsl.If(evaluation.outputs["click_auc"] >= min_click_auc, name="auc-gate"):
-            components.export_model(
-                data=data.outputs["data"], model=trained.outputs["model"],
-                base_path=model_base_path, model_name=model_name)
+    gate = components.release_gate(metrics=evaluation.outputs["metrics"],
+                                   min_click_gauc=min_click_gauc, min_click_auc=min_click_auc)
+    with dsl.If(gate.output == True, name="release-gate"):  # noqa: E712 (KFP condition)
+        components.export_model(
+            data=data.outputs["data"], model=trained.outputs["model"],
+            base_path=model_base_path, model_name=model_name)
