@@ -31,7 +31,18 @@ def cosine_to_query(query_emb, behaviour_embs) -> np.ndarray:
     norms = np.linalg.norm(behaviours, axis=1)
     unit = np.divide(behaviours, norms[:, None], out=np.zeros_like(behaviours),
                      where=norms[:, None] > 0)
-    return unit @ query
+    return row_dot(unit, query)
+
+
+def row_dot(matrix, vector) -> np.ndarray:
+    """float32 [L] dot product of each row with `vector`, bit-identical for identical rows.
+
+    A BLAS matrix-vector product may round a row differently depending on where it sits in the
+    matrix (blocked kernels), which breaks exact ties between copies of a re-watched item and
+    makes training (preprocessing) and serving (the behaviour index) keep different copies.
+    An elementwise product reduced along each row does the same operations for every row.
+    """
+    return np.multiply(matrix, vector, dtype=np.float32).sum(axis=1, dtype=np.float32)
 
 
 def stage1_top_k(query_emb, behaviour_embs, k: int, threshold: Optional[float] = None

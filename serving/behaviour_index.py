@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import numpy as np
 
 from common import features as F
+from common.relevance import row_dot
 
 logger = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ class Stage1Searcher:
 
     def _exact_top_k(self, snap, query, k, visible, threshold) -> Stage1Result:
         self.counters["exact_searches"] += 1
-        scores = snap.embeddings[:visible] @ query
+        scores = row_dot(snap.embeddings[:visible], query)
         rows = np.arange(visible, dtype=np.int64)
         chosen = select_top_k(scores, rows, k, threshold)
         return _result(snap, rows[chosen], scores[chosen], visible, "exact")
@@ -531,7 +532,7 @@ class Stage1Searcher:
         delta_rows = np.arange(snap.base_size, visible, dtype=np.int64)
         rows = np.concatenate([base_rows, delta_rows])
         # Exact re-scoring of the few candidates: same scores, threshold and ties as exact.
-        scores = snap.embeddings[rows] @ query
+        scores = row_dot(snap.embeddings[rows], query)
         chosen = select_top_k(scores, rows, k, threshold)
         return _result(snap, rows[chosen], scores[chosen], visible, snap.base.backend)
 
@@ -589,7 +590,7 @@ class ScannBase:
         elif fetch >= self.num_points:
             hits = np.arange(self.num_points)
         else:  # exact: every item scoring at least the fetch-th best (boundary ties included)
-            scores = self.vectors @ query
+            scores = row_dot(self.vectors, query)
             kth = scores[np.argpartition(-scores, fetch - 1)[fetch - 1]]
             hits = np.flatnonzero(scores >= kth)
         counts = self.counts[hits]

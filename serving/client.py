@@ -174,7 +174,33 @@ def build_request(store: FeatureStoreView, user_id: str, query: str, candidates:
         request[F.seq_feature(seq, F.SEQ_SOURCE)] = [int(b["source"]) for b in rows]
         request[F.seq_feature(seq, F.SEQ_TIME_GAP)] = [
             (now_ms - int(b["timestamp_ms"])) / 1000.0 for b in rows]
-    return metadata, request, retrieved, history[:metadata.long_term_length], notes, now_ms
+    long_history = history[:metadata.long_term_length]
+    if metadata.long_term_mode == "stage1":
+        # The model was trained on RSU stage 1 computed over the whole history (preprocessing,
+        # exact cosine); serve the same selection from the per-user behaviour index.
+        from serving.behaviour_index import long_term_features
+
+        selected = _stage1_searcher(store).top_k(user_id, q_emb, metadata.long_term_length,
+                                                 before_ms=now_ms)
+        request.update(long_term_features(selected, now_ms))
+        raw_ids = (store.items(selected.item_indices)["item_id"] if len(selected) else [])
+        long_history = [{"item_id": i, "timestamp_ms": int(t)}
+                        for i, t in zip(raw_ids, selected.timestamps_ms)]
+        notes.append(f"long-term sequence: stage 1 ({selected.backend}) kept {len(selected)} of "
+                     f"{selected.history_length} behaviours")
+    return metadata, request, retrieved, long_history, notes, now_ms
+
+
+_SEARCHERS: Dict[int, Any] = {}
+
+
+def _stage1_searcher(store: FeatureStoreView):
+    """One behaviour index per feature store, built lazily per user and reused by requests."""
+    if id(store) not in _SEARCHERS:
+        from serving.behaviour_index import Stage1Searcher
+
+        _SEARCHERS[id(store)] = Stage1Searcher.from_feature_store(store)
+    return _SEARCHERS[id(store)]
 
 
 def predict_request(inputs: Dict[str, np.ndarray], model_name: str, signature: str,
