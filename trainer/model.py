@@ -353,5 +353,9 @@ def load_trained_model(model_dir: str, data_dir: str, config: Optional[ModelConf
         raise FileNotFoundError(
             f"no weights under {final_dir} (expected {final_weights_path(model_dir)}.index, "
             f"written by `model.save_weights(..., save_format='tf')`): has training finished?")
-    model.load_weights(checkpoint).assert_existing_objects_matched()
+    status = model.load_weights(checkpoint)
+    status.assert_existing_objects_matched()
+    # The saved optimizer slots are not needed to score or export: say so, instead of a
+    # warning per unrestored slot variable.
+    status.expect_partial()
     return model
