@@ -41,7 +41,7 @@ def _run_local(tmp_path, name, *flags):
     root, models = tmp_path / name / "runs", tmp_path / name / "models"
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.run_local", "--pipeline-root", str(root),
-         "--model-base-path", str(models), "--users", "40", "--items", "200",
+         "--model-base-path", str(models), "--users", "40", "--items", "400",
          "--requests", "500", "--epochs", "1", "--batch-size", "32",
          "--preprocess-workers", "1", "--long-term-length", "100", *flags],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
