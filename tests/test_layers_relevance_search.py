@@ -136,3 +136,26 @@ def test_masked_softmax_and_top_k_helpers():
     padded = masking.pad_last_dim(tf.constant([[1, 2]]), 4, -1)
     assert padded.numpy().tolist() == [[1, 2, -1, -1]]
     assert masking.pad_last_dim(tf.constant([[1, 2, 3]]), 2, -1).numpy().tolist() == [[1, 2]]
+
+
+def test_relevance_is_bit_identical_whatever_the_batch_and_padding():
+    """A request scored alone and the same request batched with others and padded further get
+    exactly the same relevances, so top-k ties break the same way in every signature."""
+    rng = np.random.default_rng(3)
+    d = 32
+    query = rng.normal(size=(16, d)).astype(np.float32)
+    contents = rng.normal(size=(16, 300, d)).astype(np.float32)
+    contents[:, 5] = contents[:, 40]  # a re-watched item: an exact tie
+    targets = rng.normal(size=(16, 7, d)).astype(np.float32)
+    rsu = RelevanceSearchUnit(k1=10, k2=4)
+    batched_q = rsu.query_relevance(query, contents).numpy()
+    batched_t = rsu.target_relevance(targets, contents).numpy()
+    for b in (0, 9):
+        alone_q = rsu.query_relevance(query[b:b + 1], contents[b:b + 1, :17]).numpy()
+        alone_t = rsu.target_relevance(targets[b:b + 1, :3], contents[b:b + 1, :17]).numpy()
+        assert np.array_equal(alone_q[0], batched_q[b, :17])
+        assert np.array_equal(alone_t[0], batched_t[b, :3, :17])
+        assert batched_q[b, 5] == batched_q[b, 40]
+    np.testing.assert_allclose(batched_q, np.einsum(
+        "bd,bld->bl", query / np.linalg.norm(query, axis=-1, keepdims=True),
+        contents / np.linalg.norm(contents, axis=-1, keepdims=True)), atol=1e-5)

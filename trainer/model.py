@@ -58,10 +58,12 @@ def input_feature_names(metadata: F.DatasetMetadata):
     return names + F.candidate_feature_names(metadata, with_labels=False)
 
 
-def cosine_similarity(a, b, axis=-1):
-    """Cosine along `axis` of broadcastable a and b; 0 when either vector is zero."""
-    return tf.reduce_sum(tf.math.l2_normalize(a, axis=axis, epsilon=1e-12)
-                         * tf.math.l2_normalize(b, axis=axis, epsilon=1e-12), axis=axis)
+def cosine_similarity(a, b):
+    """Cosine along the last axis of broadcastable a and b; 0 when either vector is zero
+    (the RSU's shape-independent cosine, so a score never depends on the batch around it)."""
+    from trainer.layers.relevance_search import cosine
+
+    return cosine(a, b)
 
 
 class Behaviours:
@@ -180,7 +182,9 @@ class RankingModel(tfrs.models.Model):
         cand_category = features[F.CANDIDATE_CATEGORY]
         batch, num_cand = tf.shape(cand_item)[0], tf.shape(cand_item)[1]
         dtype = self.compute_dtype  # float16 under mixed precision; outputs stay float32
-        query_embedding = tf.cast(features[F.QUERY_EMBEDDING], tf.float32)
+        # The static width keeps every relevance on the RSU's shape-independent cosine path.
+        query_embedding = tf.ensure_shape(tf.cast(features[F.QUERY_EMBEDDING], tf.float32),
+                                          [None, self.metadata.embedding_dim])
 
         target_id = e.id_field(cand_item, cand_author)  # [B, N, 2d]
         target_attr = e.attribute_field(cand_item, cand_category)  # [B, N, LEVELS*d + D]

@@ -22,8 +22,33 @@ import tensorflow as tf
 from trainer.layers import masking
 
 
-def _normalize(x):
-    return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1, epsilon=1e-12)
+def _sum_last_axis(x):
+    """Sum over the last axis as a fixed sequence of elementwise adds (a plain reduce_sum when
+    the axis has no static size, which loses the bit-exactness described in `cosine`)."""
+    if x.shape[-1] is None:
+        return tf.reduce_sum(x, axis=-1)
+    terms = tf.unstack(x, axis=-1)
+    return terms[0] if len(terms) == 1 else tf.add_n(terms)
+
+
+def normalize(x):
+    """L2-normalises the last axis in float32 (zero vectors stay zero)."""
+    x = tf.cast(x, tf.float32)
+    return x / tf.sqrt(tf.maximum(_sum_last_axis(x * x), 1e-12))[..., tf.newaxis]
+
+
+def cosine(a, b):
+    """Cosine along the last axis of broadcastable a and b; 0 when either vector is zero.
+
+    Built from elementwise, correctly rounded ops only (multiply, add, sqrt, divide) summed in
+    a fixed order, rather than a matmul, einsum, reduce_sum or rsqrt: those round differently
+    depending on the batch and sequence shapes they are blocked or vectorised into, so one
+    behaviour's score would differ in the last bit between a request served alone and the same
+    request batched or padded with others, and near-ties (re-watched copies of one item) would
+    select different behaviours in the listwise and per-example signatures. Here every score is
+    bit-identical whatever the shapes around it.
+    """
+    return _sum_last_axis(normalize(a) * normalize(b))
 
 
 class RelevanceSearchUnit(tf.keras.layers.Layer):
@@ -41,7 +66,7 @@ class RelevanceSearchUnit(tf.keras.layers.Layer):
 
     def query_relevance(self, query, contents):
         """cos(query [B, D], contents [B, L, D]) -> [B, L]."""
-        return tf.einsum("bd,bld->bl", _normalize(query), _normalize(contents))
+        return cosine(query[:, tf.newaxis, :], contents)
 
     def stage1(self, query, contents, mask):
         batch, length = tf.shape(mask)[0], tf.shape(mask)[1]
@@ -59,7 +84,7 @@ class RelevanceSearchUnit(tf.keras.layers.Layer):
 
     def target_relevance(self, targets, contents):
         """cos(targets [B, N, D], contents [B, S, D]) -> [B, N, S]."""
-        return tf.einsum("bnd,bsd->bns", _normalize(targets), _normalize(contents))
+        return cosine(targets[:, :, tf.newaxis, :], contents[:, tf.newaxis, :, :])
 
     def stage2(self, targets, contents, valid):
         batch, num_cand = tf.shape(targets)[0], tf.shape(targets)[1]
