@@ -22,37 +22,28 @@ import tensorflow as tf
 from trainer.layers import masking
 
 
-def _sum_last_axis(x):
-    """Sum over the last axis as a fixed sequence of elementwise adds (a plain reduce_sum when
-    the axis has no static size, which loses the bit-exactness described in `cosine`)."""
-    if x.shape[-1] is None:
-        return tf.reduce_sum(x, axis=-1)
-    terms = tf.unstack(x, axis=-1)
-    return terms[0] if len(terms) == 1 else tf.add_n(terms)
-
-
-def normalize(x):
-    """L2-normalises the last axis in float32 (zero vectors stay zero)."""
-    x = tf.cast(x, tf.float32)
-    return x / tf.sqrt(tf.maximum(_sum_last_axis(x * x), 1e-12))[..., tf.newaxis]
+def normalize64(x):
+    """L2-normalises the last axis in float64 (zero vectors stay zero)."""
+    x = tf.cast(x, tf.float64)
+    return x * tf.math.rsqrt(tf.maximum(tf.reduce_sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 def cosine(a, b):
-    """Cosine along the last axis of broadcastable a and b; 0 when either vector is zero.
-
-    Built from elementwise, correctly rounded ops only (multiply, add, sqrt, divide) summed in
-    a fixed order, rather than a matmul, einsum, reduce_sum or rsqrt: those round differently
-    depending on the batch and sequence shapes they are blocked or vectorised into, so one
-    behaviour's score would differ in the last bit between a request served alone and the same
-    request batched or padded with others, and near-ties (re-watched copies of one item) would
-    select different behaviours in the listwise and per-example signatures. Here every score is
-    bit-identical whatever the shapes around it.
-    """
-    return _sum_last_axis(normalize(a) * normalize(b))
+    """Cosine along the last axis of broadcastable a and b, as float32; 0 when either vector
+    is zero. Float64 inside, for the reason given in `RelevanceSearchUnit`."""
+    return tf.cast(tf.reduce_sum(normalize64(a) * normalize64(b), axis=-1), tf.float32)
 
 
 class RelevanceSearchUnit(tf.keras.layers.Layer):
-    """stage1(query, contents, mask) -> (positions [B, S], valid [B, S]);
+    """Relevances are cosines computed in float64 and rounded once to float32. In float32 a
+    matmul or reduction rounds differently depending on the batch and sequence shapes it is
+    blocked into, so one behaviour's score would differ in the last bit between a request served
+    alone and the same request batched or padded with others, and near-ties (re-watched copies
+    of one item) would select different behaviours in the listwise and per-example signatures.
+    In float64 those differences are ~1e-16 and vanish in the final rounding: the scores, and so
+    the selections, are the same whatever the shapes around them, at matmul speed and memory.
+
+    stage1(query, contents, mask) -> (positions [B, S], valid [B, S]);
     stage2(targets, stage-1 contents, stage-1 valid) -> (indices into S [B, N, K], valid)."""
 
     def __init__(self, k1=100, k2=20, threshold=None, use_stage1=True, use_stage2=True,
@@ -66,7 +57,8 @@ class RelevanceSearchUnit(tf.keras.layers.Layer):
 
     def query_relevance(self, query, contents):
         """cos(query [B, D], contents [B, L, D]) -> [B, L]."""
-        return cosine(query[:, tf.newaxis, :], contents)
+        return tf.cast(tf.einsum("bd,bld->bl", normalize64(query), normalize64(contents)),
+                       tf.float32)
 
     def stage1(self, query, contents, mask):
         batch, length = tf.shape(mask)[0], tf.shape(mask)[1]
@@ -84,7 +76,8 @@ class RelevanceSearchUnit(tf.keras.layers.Layer):
 
     def target_relevance(self, targets, contents):
         """cos(targets [B, N, D], contents [B, S, D]) -> [B, N, S]."""
-        return cosine(targets[:, :, tf.newaxis, :], contents[:, tf.newaxis, :, :])
+        return tf.cast(tf.einsum("bnd,bsd->bns", normalize64(targets), normalize64(contents)),
+                       tf.float32)
 
     def stage2(self, targets, contents, valid):
         batch, num_cand = tf.shape(targets)[0], tf.shape(targets)[1]
