@@ -36,6 +36,7 @@ from trainer.config import ModelConfig
 from trainer.layers import masking
 from trainer.layers.embeddings import FeatureEmbeddings, behaviour_cross_features
 from trainer.layers.mmoe import MMoE
+from trainer.layers.relevance_search import cosine
 
 SCORE = "score"
 SELECTED_INDEX = "rsu_selected_index"
@@ -58,12 +59,9 @@ def input_feature_names(metadata: F.DatasetMetadata):
     return names + F.candidate_feature_names(metadata, with_labels=False)
 
 
-def cosine_similarity(a, b):
-    """Cosine along the last axis of broadcastable a and b; 0 when either vector is zero
-    (the RSU's shape-independent cosine, so a score never depends on the batch around it)."""
-    from trainer.layers.relevance_search import cosine
-
-    return cosine(a, b)
+# Cosine along the last axis, 0 for zero vectors: the RSU's, whose float32 result does not
+# depend on the batch around it.
+cosine_similarity = cosine
 
 
 class Behaviours:
@@ -182,7 +180,7 @@ class RankingModel(tfrs.models.Model):
         cand_category = features[F.CANDIDATE_CATEGORY]
         batch, num_cand = tf.shape(cand_item)[0], tf.shape(cand_item)[1]
         dtype = self.compute_dtype  # float16 under mixed precision; outputs stay float32
-        # The static width keeps every relevance on the RSU's shape-independent cosine path.
+        # A query embedding of the wrong width fails here, naming the expected width.
         query_embedding = tf.ensure_shape(tf.cast(features[F.QUERY_EMBEDDING], tf.float32),
                                           [None, self.metadata.embedding_dim])
 
