@@ -5,7 +5,7 @@
 
 One request = 1 user x 100 candidates x 1000 long-term behaviours (+ 50 real-time). Compared:
 * path: `inprocess` (the loaded SavedModel's signature called directly, no serialization) vs
-  `grpc` (python -m serving.server in a subprocess, official PredictionServiceStub) with
+  `grpc` (python -m serving.model_server in a subprocess, official PredictionServiceStub) with
   batching on (--batching-parameters-file, see BATCHING below) and off;
 * signature: `rank_listwise` (Predict with dense tensors, request-side work once) vs
   `regress_score` (Regress with an ExampleListWithContext: the query and history once as the
@@ -140,7 +140,7 @@ def measure(call, concurrency: int, requests: int, max_seconds: float):
 
 
 def start_server(base, batching_file):
-    cmd = [sys.executable, "-m", "serving.server", "--model-base-path", base, "--model-name",
+    cmd = [sys.executable, "-m", "serving.model_server", "--model-base-path", base, "--model-name",
            "qin", "--port", "0", "--file-system-poll-wait-seconds", "0", "--log-level",
            "WARNING"]
     cmd += ["--batching-parameters-file", batching_file] if batching_file else \

@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     port = _free_port()
     address = f"127.0.0.1:{port}"
     # TF Serving semantics: the model base path is the folder holding the numeric versions.
-    server = subprocess.Popen([sys.executable, "-m", "serving.server", "--model-base-path",
+    server = subprocess.Popen([sys.executable, "-m", "serving.model_server", "--model-base-path",
                                os.path.join(base_path, "qin"), "--model-name", "qin",
                                "--port", str(port)])
     try:
@@ -150,8 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"TensorBoard logs  {os.path.join(model_dir, 'logs')}   "
           f"(.venv/bin/tensorboard --logdir {os.path.join(model_dir, 'logs')})")
     print(f"exported model    {base_path}/qin  (saved_model_cli show --all --dir <version dir>)")
-    print(f"serve it again    .venv/bin/python -m serving.server --model-base-path {base_path}/qin "
-          f"--model-name qin --port 8500")
+    print(f"serve it again    .venv/bin/python -m serving.model_server "
+          f"--model-base-path {base_path}/qin --model-name qin --port 8500")
     print(json.dumps({"run_dir": run_dir, "data": data_dir, "model": model_dir}, indent=2))
     return 0
 

@@ -18,7 +18,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from common import features as F
 from serving import client as C
 from serving import signatures as S
-from serving.server import ModelServer, ServerOptions
+from serving.model_server.server import ModelServer, ServerOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOW = 10_000_000

@@ -23,8 +23,8 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_service_pb2_grpc, regression_pb2)
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.batching import BatchingOptions, parse_batching_parameters
-from serving.server import ModelServer, ServerOptions
+from serving.model_server.batching import BatchingOptions, parse_batching_parameters
+from serving.model_server.server import ModelServer, ServerOptions
 from tests.serving_toy_model import (WEIGHTS, example, export_toy_model, predict_request,
                                      warmup_log)
 
@@ -386,7 +386,7 @@ def test_batching_parameters_text_format():
 
 def test_sigterm_drains_in_flight_requests(tmp_path, base_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-base-path", base_path,
+        [sys.executable, "-m", "serving.model_server", "--model-base-path", base_path,
          "--model-name", MODEL, "--port", "0", "--file-system-poll-wait-seconds", "0",
          "--no-enable-batching", "--drain-seconds", "60"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,8 +15,8 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grp
                                      prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.batching import BatchingOptions
-from serving.server import ModelServer, ServerOptions
+from serving.model_server.batching import BatchingOptions
+from serving.model_server.server import ModelServer, ServerOptions
 from tests.serving_toy_model import WEIGHTS, export_toy_model, predict_request, warmup_log
 
 MODEL = "toy"

@@ -14,8 +14,9 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import server as server_lib
-from serving.batching import BatchingOptions, load_batching_options, parse_batching_parameters
+from serving.model_server import server as server_lib
+from serving.model_server.batching import (BatchingOptions, load_batching_options,
+                                           parse_batching_parameters)
 from tests.serving_toy_model import export_toy_model, predict_request
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serving",

@@ -1,7 +1,7 @@
 """Errors that travel back to gRPC clients with TF Serving's status codes.
 
-Every RPC handler in `serving.server` catches everything: a `ServingError` keeps its code and
-message, a TensorFlow `InvalidArgumentError` raised while running a signature becomes
+Every RPC handler in `serving.model_server.server` catches everything: a `ServingError` keeps
+its code and message, a TensorFlow `InvalidArgumentError` raised while running a signature becomes
 INVALID_ARGUMENT (that is how a signature rejects NaN with `tf.debugging.check_numerics`), and
 anything else becomes INTERNAL. No request can take the server down.
 """

@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from serving import errors
-from serving.batching import Batcher, BatchingOptions
+from serving.model_server import errors
+from serving.model_server.batching import Batcher, BatchingOptions
 
 log = logging.getLogger(__name__)
 

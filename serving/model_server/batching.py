@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from serving import errors
+from serving.model_server import errors
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A model server that speaks TensorFlow Serving's gRPC API.
 
-    python -m serving.server --model-base-path B/qin --model-name qin --port 8500
+    python -m serving.model_server --model-base-path B/qin --model-name qin --port 8500
 
 Why a server of our own: the stock `tensorflow_model_server` binary cannot be installed from
 the package registries (nor Docker) on every machine, while `tensorflow-serving-api` (its protos
@@ -11,7 +11,8 @@ Serving clients work against it, and the exported SavedModels stay loadable by t
 Services: tensorflow.serving.PredictionService (Predict, Classify, Regress, MultiInference,
 GetModelMetadata), tensorflow.serving.ModelService (GetModelStatus, HandleReloadConfigRequest)
 and grpc.health.v1.Health (SERVING once every configured model has a loaded version).
-Versions, labels, hot reload and warmup: see serving.model_manager; batching: serving.batching.
+Versions, labels, hot reload and warmup: see serving.model_server.model_manager; batching:
+serving.model_server.batching.
 Errors use TF Serving's status codes (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...) with a
 message naming the problem; every RPC catches everything, so no request takes the server down.
 SIGTERM/SIGINT drain: health turns NOT_SERVING, new RPCs are refused, in-flight RPCs finish
@@ -33,11 +34,12 @@ import common  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import grpc
 import numpy as np
 
-from serving import errors
-from serving.batching import BatchingOptions, load_batching_options
-from serving.model_manager import (DEFAULT_SIGNATURE, ModelManager, ServableVersion, Signature)
+from serving.model_server import errors
+from serving.model_server.batching import BatchingOptions, load_batching_options
+from serving.model_server.model_manager import (DEFAULT_SIGNATURE, ModelManager,
+                                                ServableVersion, Signature)
 
-log = logging.getLogger("serving.server")
+log = logging.getLogger("serving.model_server")
 
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -570,7 +572,7 @@ def model_configs_from_args(args) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m serving.server",
+        prog="python -m serving.model_server",
         description="Serve SavedModels over TensorFlow Serving's gRPC API (PredictionService, "
                     "ModelService, grpc health). Versions are the numeric folders under the "
                     "model base path; new ones are picked up while serving.",
