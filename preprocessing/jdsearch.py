@@ -5,6 +5,13 @@ options)` once (validation + the text embedding space of preprocessing/text_embe
 trained on query terms vs clicked product name terms), then applies
 `ReadJDsearch(DIR, **prepared)`; the result is the reader contract of preprocessing/records.py.
 
+Only clicks before the pipeline's eval cutoff train the text embedding space: `prepare()`
+computes the time cutoffs from the request times (preprocessing/splits.py, with the options'
+eval_fraction and test_fraction), so the candidate clicks of eval and test requests and the
+history search behaviours at or after T_eval are left out. The space feeds the ranker, so
+held-out clicks shaping it would make eval and test metrics optimistic; the history before
+T_eval of a held-out user is past information at the cutoff and stays in.
+
 user_behavior_data.txt (tab-separated; the published sample has the header line
 `query candidate_wid_list candidate_label_list history_qry_list history_wid_list
 history_type_list history_time_list`; a file without it, like the first release's
@@ -45,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from array import array
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
@@ -56,6 +64,7 @@ from common import features as F
 from preprocessing.kuaisar import (DEAD_LETTER, CompleteItems, _save_prepared, normalise_id,
                                    trim_categories)
 from preprocessing.records import BehaviourRecord, DeadLetter, ItemRecord, RequestRecord
+from preprocessing.splits import request_timestamps_to_cutoffs, split_fractions, split_of
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +114,8 @@ def _split_list(text: str) -> List[str]:
 
 def parse_behaviour_line(line_number: int, text: str):
     """One user line -> (RequestRecord or None without query embedding, [BehaviourRecord],
-    [(query tokens, clicked wid)] for the text two-tower). Raises ValueError(reason)."""
+    [(query tokens, clicked wid, time ms)] for the text two-tower: history search behaviours
+    and candidate clicks). Raises ValueError(reason)."""
     fields = text.rstrip("\r\n").split("\t")
     if len(fields) != len(BEHAVIOUR_COLUMNS):
         raise ValueError("wrong_field_count")
@@ -151,11 +161,12 @@ def parse_behaviour_line(line_number: int, text: str):
         raw_query = history_queries[i].strip()
         from_query = raw_query not in ("", NO_QUERY)
         wid = history_wids[i].strip()
+        time_ms = BASE_TIME_MS + elapsed * TIME_UNIT_MS
         behaviours.append(BehaviourRecord(
-            user, wid, BASE_TIME_MS + elapsed * TIME_UNIT_MS,
-            F.SOURCE_SEARCH if from_query else F.SOURCE_FEED, ENGAGEMENT_BY_TYPE[types[i]]))
+            user, wid, time_ms, F.SOURCE_SEARCH if from_query else F.SOURCE_FEED,
+            ENGAGEMENT_BY_TYPE[types[i]]))
         if from_query:
-            pairs.append((parse_terms(raw_query), wid))
+            pairs.append((parse_terms(raw_query), wid, time_ms))
     request_time = BASE_TIME_MS + sum(gaps) * TIME_UNIT_MS
     request = None
     if candidates:
@@ -167,7 +178,7 @@ def parse_behaviour_line(line_number: int, text: str):
             if grade >= 1:
                 behaviours.append(BehaviourRecord(user, wid, request_time, F.SOURCE_SEARCH,
                                                   ENGAGEMENT_BY_TYPE[TYPE_BY_LABEL[grade]]))
-                pairs.append((query_tokens, wid))
+                pairs.append((query_tokens, wid, request_time))
     return request, behaviours, pairs
 
 
@@ -260,12 +271,21 @@ def read_numbered_lines(path: str, skip_header: bool) -> Iterable[Tuple[int, byt
             yield number, raw
 
 
-def click_pairs(files: Dict[str, object], progress_every: int = 20_000):
-    """(query tokens, clicked product name tokens) pairs with their wids, from history search
-    behaviours and candidate clicks; the set of all test-query tokens; counts of what could not
-    be used."""
+def click_pairs(files: Dict[str, object], fractions: Tuple[float, float],
+                progress_every: int = 20_000):
+    """Training data of the text two-tower: (query tokens, clicked product name tokens) pairs
+    with their wids, from the history search behaviours and candidate clicks strictly before
+    the eval cutoff T_eval (module docstring); the set of all test-query tokens (held-out ones
+    included: they join the vocabulary untrained); counts of what could not be used or was held
+    out, and the cutoffs.
+
+    The cutoffs come from the times of the requests ReadJDsearch makes (one per parsable line
+    with candidates); `fractions` = (eval_fraction, test_fraction) of the pipeline.
+    """
     clicks: List[Tuple[Tuple[int, ...], str]] = []
-    counts = {"behaviour_lines": 0, "behaviour_lines_unparsable": 0}
+    click_times = array("q")  # parallel to clicks; 8 bytes a pair (histories are long)
+    request_times: List[int] = []
+    counts: Dict[str, object] = {"behaviour_lines": 0, "behaviour_lines_unparsable": 0}
     query_tokens = set()
     for number, raw in read_numbered_lines(files["behaviour_path"], files["behaviour_header"]):
         counts["behaviour_lines"] += 1
@@ -278,7 +298,20 @@ def click_pairs(files: Dict[str, object], progress_every: int = 20_000):
             continue
         if request is not None:
             query_tokens.update(request.query_tokens)
-        clicks += [(q, w) for q, w in pairs if q]
+            request_times.append(request.timestamp_ms)
+        for query, wid, time_ms in pairs:
+            if query:
+                clicks.append((query, wid))
+                click_times.append(time_ms)
+    cutoffs = request_timestamps_to_cutoffs(request_times, *fractions)
+    train_clicks = [pair for pair, time_ms in zip(clicks, click_times)
+                    if split_of(time_ms, cutoffs) == "train"]
+    counts.update(requests=len(request_times),
+                  held_out_requests=sum(split_of(t, cutoffs) != "train" for t in request_times),
+                  held_out_click_pairs=len(clicks) - len(train_clicks),
+                  eval_fraction=fractions[0], test_fraction=fractions[1],
+                  split_cutoffs_ms={"eval": cutoffs[0], "test": cutoffs[1]})
+    clicks = train_clicks
     wanted = {w for _, w in clicks}
     names: Dict[str, Tuple[int, ...]] = {}
     for _, raw in read_numbered_lines(files["product_path"], files["product_header"]):
@@ -296,17 +329,20 @@ def click_pairs(files: Dict[str, object], progress_every: int = 20_000):
 
 
 def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
-    """Validates the input and trains the frozen query/item text embedding space.
+    """Validates the input and trains the frozen query/item text embedding space on the clicks
+    before the eval cutoff (module docstring).
 
     Returns the keyword arguments of ReadJDsearch: `text_encoder`, `query_vocab`, `tasks`,
-    `engagement_names`, `text_tower_stats` (and writes text_encoder.npz and
-    text_tower_stats.json into work_dir when given).
+    `engagement_names`, `text_tower_stats` (with the held-out counts and the cutoffs; also
+    written with text_encoder.npz into work_dir when given). Options (dict or argparse
+    namespace) are read as in TextTowerConfig.from_options and
+    preprocessing.splits.split_fractions.
     """
     from preprocessing.text_embeddings import TextTowerConfig, train_text_encoder
 
     files = validate(input_dir)
     config = TextTowerConfig.from_options(options)
-    pairs, keys, query_tokens, counts = click_pairs(files)
+    pairs, keys, query_tokens, counts = click_pairs(files, split_fractions(options))
     encoder, stats = train_text_encoder(pairs, config, keys, query_tokens)
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)

@@ -5,12 +5,24 @@ options)` once (it validates the files and trains the text embedding space, see
 preprocessing/text_embeddings.py), then applies `ReadKuaiSAR(DIR, **prepared)` to the pipeline
 root. The result is the reader contract of preprocessing/records.py.
 
+The text embedding space is trained on the clicks of the search sessions of the TRAIN split
+only: `prepare()` builds the requests exactly as the reader does, computes the pipeline's time
+cutoffs from their timestamps (preprocessing/splits.py, with the options' eval_fraction and
+test_fraction) and drops the clicks of eval and test sessions. The space feeds the ranker, so
+held-out clicks shaping it would make eval and test metrics optimistic.
+
 Input files (CSV with a header; columns are found by name, extra columns are ignored):
 
-  rec_inter.csv      feed actions -> BehaviourRecord(source=FEED)
+  rec_inter.csv      clicked feed impressions -> BehaviourRecord(source=FEED)
                      engagement = (watch_ratio, like, follow, forward) (ENGAGEMENT_NAMES["kuaisar"])
                      watch_ratio = playing_time / duration_ms clipped to [0, WATCH_RATIO_CAP]
-                     (0 when the duration is missing or 0, counted as `missing_duration`)
+                     (0 when the duration is missing or 0, counted as `missing_duration`).
+                     A row with click = 0 is an item shown in the feed that the user did not
+                     open: it is left out of the histories and counted as
+                     `feed_impressions_without_click` (not a dead letter: nothing is wrong with
+                     it). Keeping it would need a "not clicked" flag, and all ENGAGEMENT_DIM = 4
+                     slots are taken; with zero engagement it would read as a watched item.
+                     An empty click value is a dead letter (`missing_click`).
   src_inter.csv      one row per item shown in a search session. Rows are grouped by
                      search_session_id into one RequestRecord: candidates = the shown items
                      (sorted by item id: the file has no position column; an item shown twice
@@ -54,6 +66,7 @@ import common  # noqa: F401
 from common import features as F
 from preprocessing.records import (BehaviourRecord, DeadLetter, ItemRecord, RequestRecord,
                                    UserRecord)
+from preprocessing.splits import request_timestamps_to_cutoffs, split_fractions, split_of
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +80,8 @@ DEAD_LETTER = "dead_letter"
 REC_INTER, SRC_INTER = "rec_inter.csv", "src_inter.csv"
 ITEM_FEATURES, USER_FEATURES = "item_features.csv", "user_features.csv"
 REQUIRED_COLUMNS = {
-    REC_INTER: ("user_id", "item_id", "playing_time", "duration_ms", "timestamp", "like",
-                "follow", "forward"),
+    REC_INTER: ("user_id", "item_id", "playing_time", "duration_ms", "timestamp", "click",
+                "like", "follow", "forward"),
     SRC_INTER: ("user_id", "search_session_id", "search_session_timestamp", "keyword", "item_id",
                 "click_cnt"),
     ITEM_FEATURES: ("item_id", "caption", "author_id", "first_level_category_id",
@@ -191,43 +204,96 @@ def validate(input_dir: str) -> Dict[str, List[str]]:
     return headers
 
 
+def split_csv_line(raw: bytes, header: Sequence[str]) -> Optional[Tuple[Dict[str, str], str]]:
+    """One raw line (without its newline) -> ({column: field}, decoded line); None for a blank
+    line; ValueError("not_utf8" / "wrong_field_count"). Shared by prepare() and the Beam pass
+    so that both see the same rows."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not_utf8") from None
+    if not line.strip():
+        return None
+    try:
+        fields = next(csv.reader([line]))
+    except csv.Error:
+        fields = None
+    if fields is None or len(fields) != len(header):
+        raise ValueError("wrong_field_count")
+    return dict(zip(header, fields)), line
+
+
 def _iter_csv(path: str, header: Sequence[str]) -> Iterable[Dict[str, str]]:
-    """Rows of a CSV file as dicts (plain Python, for prepare()); malformed rows are skipped
-    here because the Beam pass dead-letters them with their reason."""
-    import io
+    """Rows of a CSV file as dicts (plain Python, for prepare()), line by line as Beam's
+    ReadFromText splits them; malformed rows are skipped here because the Beam pass
+    dead-letters them with their reason."""
+    with FileSystems.open(path) as f:
+        for number, raw in enumerate(f):
+            if number == 0:
+                continue  # header
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            try:
+                parsed = split_csv_line(raw, header)
+            except ValueError:
+                continue
+            if parsed is not None:
+                yield parsed[0]
 
-    with FileSystems.open(path) as raw:
-        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace",
-                                             newline=""))
-        next(reader, None)
-        for fields in reader:
-            if len(fields) == len(header):
-                yield dict(zip(header, fields))
+
+def parse_search_row(row: Dict[str, str]):
+    """src_inter row -> (session id, (user, timestamp, keyword tokens, item, clicked));
+    ValueError(reason) when unusable."""
+    user, item = normalise_id(row["user_id"]), normalise_id(row["item_id"])
+    session = normalise_id(row["search_session_id"])
+    if not user or not item or not session:
+        raise ValueError("missing_id")
+    timestamp = parse_int(row["search_session_timestamp"], "search_session_timestamp")
+    keyword = parse_token_list(row["keyword"], "keyword")
+    clicked = parse_flag(row["click_cnt"], "click_cnt")
+    return session, (user, timestamp, keyword, item, clicked)
 
 
-def click_pairs(input_dir: str, headers: Dict[str, List[str]], progress_every: int = 1_000_000):
-    """(keyword tokens, clicked item caption tokens) pairs and their item ids, from src_inter
-    and item_features; the set of all keyword tokens; counts of what could not be used."""
-    clicks: List[Tuple[Tuple[int, ...], str]] = []
-    counts = {"search_rows": 0, "click_rows": 0, "search_rows_unparsable": 0}
+def click_pairs(input_dir: str, headers: Dict[str, List[str]],
+                fractions: Tuple[float, float], progress_every: int = 1_000_000):
+    """Training data of the text two-tower: (keyword tokens, clicked item caption tokens) pairs
+    of the TRAIN-split search sessions and their item ids, from src_inter and item_features;
+    the set of all keyword tokens (held-out ones included: they join the vocabulary untrained);
+    counts of what could not be used or was held out, and the cutoffs.
+
+    The requests are those BuildSearchRequests makes (one per session and (user, time,
+    keyword)); the pipeline rejects those with a negative time, so they do not count towards
+    the cutoffs. `fractions` = (eval_fraction, test_fraction) of the pipeline.
+    """
+    clicks: List[Tuple[int, Tuple[int, ...], str]] = []
+    requests = set()
+    counts: Dict[str, object] = {"search_rows": 0, "click_rows": 0, "search_rows_unparsable": 0}
     query_tokens = set()
     for n, row in enumerate(_iter_csv(os.path.join(input_dir, SRC_INTER), headers[SRC_INTER]), 1):
         counts["search_rows"] += 1
         if n % progress_every == 0:
             log.info("text embeddings: read %d search rows", n)
         try:
-            clicked = parse_flag(row["click_cnt"], "click_cnt") > 0
-            item = normalise_id(row["item_id"])
-            tokens = parse_token_list(row["keyword"], "keyword")
+            session, (user, timestamp, keyword, item, clicked) = parse_search_row(row)
         except ValueError:
             counts["search_rows_unparsable"] += 1
             continue
-        query_tokens.update(tokens)
+        query_tokens.update(keyword)
+        requests.add((session, user, timestamp, keyword))
         if not clicked:
             continue
         counts["click_rows"] += 1
-        if item and tokens:
-            clicks.append((tokens, item))
+        if keyword:
+            clicks.append((timestamp, keyword, item))
+    cutoffs = request_timestamps_to_cutoffs([r[2] for r in requests if r[2] >= 0], *fractions)
+    held_out = sum(split_of(r[2], cutoffs) != "train" for r in requests)
+    train_clicks = [(keyword, item) for timestamp, keyword, item in clicks
+                    if split_of(timestamp, cutoffs) == "train"]
+    counts.update(requests=len(requests), held_out_requests=held_out,
+                  held_out_click_pairs=len(clicks) - len(train_clicks),
+                  eval_fraction=fractions[0], test_fraction=fractions[1],
+                  split_cutoffs_ms={"eval": cutoffs[0], "test": cutoffs[1]})
+    clicks = train_clicks
     wanted = {item for _, item in clicks}
     captions: Dict[str, Tuple[int, ...]] = {}
     for row in _iter_csv(os.path.join(input_dir, ITEM_FEATURES), headers[ITEM_FEATURES]):
@@ -244,19 +310,21 @@ def click_pairs(input_dir: str, headers: Dict[str, List[str]], progress_every: i
 
 
 def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
-    """Validates the input and trains the frozen query/item text embedding space.
+    """Validates the input and trains the frozen query/item text embedding space on the clicks
+    of the train-split sessions (module docstring).
 
     Returns the keyword arguments of ReadKuaiSAR: `text_encoder` (TextEncoder),
     `query_vocab` (token_id, word, embedding columns for the feature store), `tasks`,
-    `engagement_names` and `text_tower_stats`. Writes text_encoder.npz and
-    text_tower_stats.json into work_dir when given. Options (dict or argparse namespace) are
-    read as in TextTowerConfig.from_options.
+    `engagement_names` and `text_tower_stats` (which also records the held-out counts and the
+    cutoffs). Writes text_encoder.npz and text_tower_stats.json into work_dir when given.
+    Options (dict or argparse namespace) are read as in TextTowerConfig.from_options and
+    preprocessing.splits.split_fractions.
     """
     from preprocessing.text_embeddings import TextTowerConfig, train_text_encoder
 
     headers = validate(input_dir)
     config = TextTowerConfig.from_options(options)
-    pairs, keys, query_tokens, counts = click_pairs(input_dir, headers)
+    pairs, keys, query_tokens, counts = click_pairs(input_dir, headers, split_fractions(options))
     encoder, stats = train_text_encoder(pairs, config, keys, query_tokens)
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
@@ -284,27 +352,20 @@ class ParseCsvRows(beam.DoFn):
 
     def process(self, raw: bytes):
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(self.source, "not_utf8",
-                                                                   repr(raw)))
+            parsed = split_csv_line(raw, self.header)
+        except ValueError as e:
+            text = raw.decode("utf-8") if str(e) == "wrong_field_count" else repr(raw)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(self.source, str(e), text))
             return
-        if not line.strip():
+        if parsed is None:
             _counter(f"{self.source}:blank_lines").inc()
             return
-        try:
-            fields = next(csv.reader([line]))
-        except csv.Error:
-            fields = None
-        if fields is None or len(fields) != len(self.header):
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                self.source, "wrong_field_count", line))
-            return
-        yield dict(zip(self.header, fields)), line
+        yield parsed
 
 
 class ParseFeedAction(beam.DoFn):
-    """rec_inter row -> BehaviourRecord(source=FEED)."""
+    """rec_inter row -> BehaviourRecord(source=FEED) when the impression was clicked; an
+    unclicked impression is only counted (module docstring)."""
 
     def process(self, element):
         row, line = element
@@ -318,8 +379,14 @@ class ParseFeedAction(beam.DoFn):
             duration = parse_float(row["duration_ms"], "duration_ms") \
                 if row["duration_ms"].strip().lower() not in _MISSING else 0.0
             like, follow, forward = (parse_flag(row[c], c) for c in ("like", "follow", "forward"))
+            if row["click"].strip().lower() in _MISSING:
+                raise ValueError("missing_click")
+            clicked = parse_flag(row["click"], "click") > 0
         except ValueError as e:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(REC_INTER, str(e), line))
+            return
+        if not clicked:
+            _counter("feed_impressions_without_click").inc()
             return
         if duration > 0:
             ratio = max(playing, 0.0) / duration
@@ -340,17 +407,11 @@ class ParseSearchRow(beam.DoFn):
     def process(self, element):
         row, line = element
         try:
-            user, item = normalise_id(row["user_id"]), normalise_id(row["item_id"])
-            session = normalise_id(row["search_session_id"])
-            if not user or not item or not session:
-                raise ValueError("missing_id")
-            timestamp = parse_int(row["search_session_timestamp"], "search_session_timestamp")
-            keyword = parse_token_list(row["keyword"], "keyword")
-            clicked = parse_flag(row["click_cnt"], "click_cnt")
+            parsed = parse_search_row(row)
         except ValueError as e:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(SRC_INTER, str(e), line))
             return
-        yield session, (user, timestamp, keyword, item, clicked)
+        yield parsed
 
 
 class BuildSearchRequests(beam.DoFn):

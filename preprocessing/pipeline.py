@@ -61,6 +61,7 @@ from common import features as F
 from preprocessing import point_in_time as pit
 from preprocessing import stats as S
 from preprocessing.records import DeadLetter
+from preprocessing.splits import request_timestamps_to_cutoffs, split_of
 
 log = logging.getLogger(__name__)
 
@@ -323,30 +324,6 @@ class ResolveRequests(beam.DoFn):
                 resolved[F.true_prob_feature(task)] = [
                     float(r.true_probabilities[task][p]) for p in keep]
         yield (r.user_id, resolved)
-
-
-def request_timestamps_to_cutoffs(timestamps: List[int], eval_fraction: float,
-                                  test_fraction: float) -> Tuple[int, int]:
-    """(T_eval, T_test) of the split rule in the module docstring (max int64 when empty)."""
-    never = np.iinfo(np.int64).max
-    n = len(timestamps)
-    if n == 0:
-        return never, never
-    ordered = np.sort(np.asarray(timestamps, np.int64))
-    n_test = math.ceil(n * test_fraction - 1e-9)  # tolerance: 100 * (0.1 + 0.2) = 30.000...04
-    n_held = math.ceil(n * (test_fraction + eval_fraction) - 1e-9)
-    t_test = int(ordered[n - n_test]) if n_test else never
-    t_eval = int(ordered[n - n_held]) if n_held else never
-    return min(t_eval, t_test), t_test
-
-
-def split_of(timestamp_ms: int, cutoffs: Tuple[int, int]) -> str:
-    t_eval, t_test = cutoffs
-    if timestamp_ms >= t_test:
-        return "test"
-    if timestamp_ms >= t_eval:
-        return "eval"
-    return "train"
 
 
 # ---- the point-in-time join per user --------------------------------------------------------

@@ -5,6 +5,11 @@ lists of anonymised token ids. QIN's relevance search unit needs queries and ite
 (cosine of query and behaviour in stage 1, of target item and behaviour in stage 2), so the
 pipeline builds that space once, before the ranker, and freezes it (the ranker never trains it).
 
+Training data: the readers' `prepare()` passes only the clicks of the train split, i.e. before
+the pipeline's eval cutoff (preprocessing/splits.py). The ranker is evaluated in this space, so
+clicks of eval and test requests must not shape it; query tokens seen only in held-out requests
+still join the vocabulary, with zero vectors (see Vocabulary), which say nothing about clicks.
+
 Model: a text two-tower trained with an in-batch softmax on (query tokens, clicked item tokens)
 pairs, the loss being `tfrs.tasks.Retrieval` (sampled softmax over the other items of the batch,
 clicks of the same item in one batch are not treated as negatives). Both towers are the same

@@ -42,9 +42,11 @@ def write_csv(path, columns, rows, raw_lines=()):
     return path
 
 
-def rec_row(user, item, playing_ms, duration_ms, timestamp_ms, like=0, follow=0, forward=0):
-    return [user, item, playing_ms, duration_ms, "2022-05-22 10:00:00", timestamp_ms, 1, forward,
-            like, follow, 0, 0]
+def rec_row(user, item, playing_ms, duration_ms, timestamp_ms, like=0, follow=0, forward=0,
+            click=1):
+    """One feed impression; click=0 is an item shown but not opened (not a behaviour)."""
+    return [user, item, playing_ms, duration_ms, "2022-05-22 10:00:00", timestamp_ms, click,
+            forward, like, follow, 0, 0]
 
 
 def src_row(user, session, timestamp_ms, keyword, item, click_cnt, item_type="VIDEO"):

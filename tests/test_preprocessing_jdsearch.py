@@ -144,13 +144,18 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
         other = str(int(rng.integers(0, 20)) * 2 + 1 - topic)
         history_item = str(int(rng.integers(0, 20)) * 2 + topic)
         lines.append(jd_line(query, [clicked, other], [1, 0],
-                             history=[(query, history_item, "CLICK")], gaps=[0, 3]))
+                             history=[(query, history_item, "CLICK")], gaps=[0, 3 + n]))
     directory = write_jdsearch(str(tmp_path / "in"), lines, products)
     prepared = jdsearch.prepare(directory, str(tmp_path / "work"),
                                 {"embedding_dim": 8, "text_tower_epochs": 4,
                                  "text_tower_batch_size": 32, "seed": 1})
     assert prepared["tasks"] == F.JDSEARCH_TASKS
-    assert prepared["text_tower_stats"]["pairs_used"] == 300  # history search + candidate clicks
+    stats = prepared["text_tower_stats"]
+    # default split 0.1 / 0.1 by request time: the 30 latest requests are held out; every
+    # history search (all at the base time) is before the eval cutoff and stays in
+    assert (stats["requests"], stats["held_out_requests"]) == (150, 30)
+    assert stats["pairs_used"] == 150 + 120 and stats["held_out_click_pairs"] == 30
+    assert stats["split_cutoffs_ms"] == {"eval": B + 123 * S, "test": B + 138 * S}
     encoder = prepared["text_encoder"]
     pipeline = test_pipeline.TestPipeline(runner=RUNNER)
     out = pipeline | jdsearch.ReadJDsearch(directory, **prepared)
@@ -170,6 +175,39 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
     assert_that(out["requests"], check, label="requests")
     assert_that(out["items"], check_items, label="items")
     pipeline.run().wait_until_finish()
+
+
+def test_prepare_trains_the_text_tower_before_the_eval_cutoff_only(tmp_path, monkeypatch):
+    from preprocessing import text_embeddings
+
+    # 8 train requests at B + 10..17 s; 2 held-out ones at B + 105 / 106 s with the query 77
+    # clicking product 88, a history search (query 3) at B and one (query 55) at the request time
+    lines = [jd_line([1], ["10", "11"], [1, 0], history=[([2], "12", "CLICK")],
+                     gaps=[0, 10 + k]) for k in range(8)]
+    lines += [jd_line([77], ["88"], [2], history=[([3], "13", "CLICK"), ([55], "55", "CLICK")],
+                      gaps=[0, 105 + j, 0]) for j in range(2)]
+    products = [jd_product(w, [int(w) * 10], "b", "c", "d")
+                for w in ("10", "11", "12", "13", "55", "88")]
+    directory = write_jdsearch(str(tmp_path), lines, products)
+    files = jdsearch.validate(directory)
+    unfiltered, _, _, _ = jdsearch.click_pairs(files, (0.0, 0.0))
+    assert ((77,), (880,)) in unfiltered and ((55,), (550,)) in unfiltered  # in the data
+
+    fed = []
+    real = text_embeddings.train_text_encoder
+    monkeypatch.setattr(text_embeddings, "train_text_encoder",
+                        lambda pairs, *a, **k: fed.extend(pairs) or real(pairs, *a, **k))
+    prepared = jdsearch.prepare(directory, None, {"embedding_dim": 4, "text_tower_epochs": 1})
+    # train candidate clicks, every history search before T_eval (held-out users' too)
+    assert sorted(fed) == sorted([((1,), (100,))] * 8 + [((2,), (120,))] * 8
+                                 + [((3,), (130,))] * 2)
+    stats = prepared["text_tower_stats"]
+    assert (stats["requests"], stats["held_out_requests"]) == (10, 2)
+    assert stats["held_out_click_pairs"] == 4  # 2 candidate clicks + 2 late history searches
+    assert stats["split_cutoffs_ms"] == {"eval": B + 105 * S, "test": B + 106 * S}
+    encoder = prepared["text_encoder"]
+    assert not encoder.encode([77]).any() and encoder.encode([1]).any()  # test query: untrained
+    assert encoder.rows([55, 550, 880]) == []
 
 
 # ---- end to end: `python -m preprocessing` on the tiny files, TFRecords read back ------------

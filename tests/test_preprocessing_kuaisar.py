@@ -27,7 +27,9 @@ def _files(directory):
                   rec_row(1, 102, 25000, 5000, T0 + 1000, follow=1, forward=1),  # ratio 5 -> cap
                   rec_row(BIG_USER, 103, 1000, 0, f"{T0 + 2000}.0"),  # no duration
                   rec_row(2, 104, "abc", 1000, T0 + 3000),  # malformed playing time
-                  rec_row(2, 106, 15000, 10000, T0 + 4000)],  # ratio 1.5: above 1, kept
+                  rec_row(2, 106, 15000, 10000, T0 + 4000),  # ratio 1.5: above 1, kept
+                  rec_row(1, 107, 0, 10000, T0 + 500, click=0),  # shown, not opened
+                  rec_row(2, 108, 1000, 1000, T0 + 600, click="")],  # click unknown
         src_rows=[src_row(1, 500, T0 + 5000, "[20, 34, 3]", 11, 1),
                   src_row(1, 500, T0 + 5000, "[20, 34, 3]", 12, 0),
                   src_row(1, 500, T0 + 5000, "[20, 34, 3]", 13, 2),
@@ -75,7 +77,8 @@ def test_records_from_published_layout(tmp_path):
         ItemRecord("12", "901", ("1:1",), None, ()),
         ItemRecord("13", "", ("", "2:3"), None, (34, 8)),
         ItemRecord("99", "903", ("1:5", "2:6"), None, (7,)),
-        # referenced but without (usable) metadata: bare records
+        # referenced but without (usable) metadata: bare records; 107 (an unclicked
+        # impression only) is referenced by nothing
         *[ItemRecord(i, "", (), None, ()) for i in ("101", "102", "103", "106", "14", "16")],
     ]), label="items")
     assert_that(out["users"], equal_to([
@@ -85,6 +88,7 @@ def test_records_from_published_layout(tmp_path):
     reasons = out["dead_letter"] | beam.Map(lambda d: (d.source, d.reason))
     assert_that(reasons, equal_to([
         ("rec_inter.csv", "bad_playing_time"), ("rec_inter.csv", "wrong_field_count"),
+        ("rec_inter.csv", "missing_click"),
         ("src_inter.csv", "bad_keyword"), ("item_features.csv", "duplicate_item"),
         ("item_features.csv", "bad_caption"), ("user_features.csv", "duplicate_user"),
     ]), label="dead_letter")
@@ -97,6 +101,8 @@ def test_records_from_published_layout(tmp_path):
     assert counters["watch_ratio_clipped"] == 1
     assert counters["missing_duration"] == 1
     assert counters["duplicate_candidates_merged"] == 1
+    assert counters["feed_impressions_without_click"] == 1
+    assert counters["feed_behaviours"] == 4
 
 
 def test_dead_letters_keep_the_offending_row(tmp_path):
@@ -193,7 +199,11 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
     assert prepared["tasks"] == F.KUAISAR_TASKS
     encoder = prepared["text_encoder"]
     assert encoder.dim == 8 and set(prepared["query_vocab"]["token_id"]) >= {1, 2, 3, 4}
-    assert prepared["text_tower_stats"]["pairs_used"] == 300
+    stats = prepared["text_tower_stats"]
+    # default split 0.1 / 0.1 by time: the 60 latest sessions are held out of the text tower
+    assert (stats["requests"], stats["held_out_requests"]) == (300, 60)
+    assert (stats["pairs_used"], stats["held_out_click_pairs"]) == (240, 60)
+    assert stats["split_cutoffs_ms"] == {"eval": T0 + 240, "test": T0 + 270}
     assert (tmp_path / "work" / "text_encoder.npz").exists()
     pipeline = test_pipeline.TestPipeline(runner=RUNNER)
     out = pipeline | kuaisar.ReadKuaiSAR(directory, **prepared)
@@ -211,6 +221,62 @@ def test_prepare_trains_embeddings_and_reader_uses_them(tmp_path):
     pipeline.run().wait_until_finish()
 
 
+def _sessions_with_held_out_tail():
+    """15 train sessions, 10 later ones with the keyword 77 clicking item 88 (caption 880), and
+    one session with the keyword 66 clicking item 66 (caption 660) at the time of the first
+    later one. With eval 0.15 / test 0.2, 10 of the 26 sessions are asked for; the tie makes
+    it 11."""
+    src = []
+    for k in range(15):
+        src += [src_row(1, f"s{k}", T0 + 10 * k, f"[{1 + k % 2}]", k % 3, 1),
+                src_row(1, f"s{k}", T0 + 10 * k, f"[{1 + k % 2}]", 3, 0)]
+    for j in range(10):
+        src.append(src_row(2, f"h{j}", T0 + 1000 + 10 * j, "[77]", 88, 1))
+    src.append(src_row(3, "tie", T0 + 1000, "[66]", 66, 1))
+    items = [item_row(i, f"[{100 + i}]", 1, 1, 1) for i in range(4)]
+    items += [item_row(88, "[880]", 1, 1, 1), item_row(66, "[660]", 1, 1, 1)]
+    return src, items
+
+
+def test_prepare_trains_the_text_tower_on_train_sessions_only(tmp_path, monkeypatch):
+    from preprocessing import text_embeddings
+
+    src, items = _sessions_with_held_out_tail()
+    directory = write_kuaisar(str(tmp_path), src_rows=src, item_rows=items)
+    headers = kuaisar.validate(directory)
+    unfiltered, _, _, _ = kuaisar.click_pairs(directory, headers, (0.0, 0.0))
+    assert ((77,), (880,)) in unfiltered and ((66,), (660,)) in unfiltered  # present in the data
+
+    fed = []
+    real = text_embeddings.train_text_encoder
+    monkeypatch.setattr(text_embeddings, "train_text_encoder",
+                        lambda pairs, *a, **k: fed.extend(pairs) or real(pairs, *a, **k))
+    prepared = kuaisar.prepare(directory, None, {
+        "embedding_dim": 4, "text_tower_epochs": 1, "eval_fraction": 0.15,
+        "test_fraction": 0.2})
+    assert sorted(fed) == sorted(((1 + k % 2,), (100 + k % 3,)) for k in range(15))
+    stats = prepared["text_tower_stats"]
+    assert (stats["requests"], stats["held_out_requests"]) == (26, 11)
+    assert stats["held_out_click_pairs"] == 11
+    assert stats["split_cutoffs_ms"] == {"eval": T0 + 1000, "test": T0 + 1040}
+    assert (stats["eval_fraction"], stats["test_fraction"]) == (0.15, 0.2)
+    # held-out keywords are in the query vocabulary (the serving client sees the same tokens)
+    # but untrained; held-out captions are not in it at all
+    encoder = prepared["text_encoder"]
+    assert not encoder.encode([77]).any() and not encoder.encode([66]).any()
+    assert encoder.encode([1]).any()
+    assert encoder.rows([880, 660]) == []
+
+
+def test_prepare_rejects_split_fractions_that_leave_nothing_to_train(tmp_path):
+    src, items = _sessions_with_held_out_tail()
+    directory = write_kuaisar(str(tmp_path), src_rows=src, item_rows=items)
+    with pytest.raises(ValueError, match="nothing would be left to train on"):
+        kuaisar.prepare(directory, None, {"eval_fraction": 0.5, "test_fraction": 0.5})
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\)"):
+        kuaisar.prepare(directory, None, {"test_fraction": -0.1})
+
+
 # ---- end to end: `python -m preprocessing` on the tiny files, TFRecords read back ------------
 def _read_back(out_dir):
     import glob
@@ -220,7 +286,7 @@ def _read_back(out_dir):
 
     metadata = F.DatasetMetadata.load(out_dir)
     items = [""] + F.read_vocabulary(out_dir, "items")
-    examples = {}
+    examples, splits = {}, {}
     for split in F.SPLITS:
         files = sorted(glob.glob(os.path.join(out_dir, split, "*.tfrecord.gz")))
         if not files:
@@ -231,7 +297,8 @@ def _read_back(out_dir):
             for b in range(batch[F.REQUEST_ID].shape[0]):
                 row = {name: value[b] for name, value in batch.items()}
                 examples[row[F.REQUEST_ID].decode()] = row
-    return metadata, items, examples
+                splits[row[F.REQUEST_ID].decode()] = split
+    return metadata, items, examples, splits
 
 
 def _long_sequence(row, items):
@@ -249,6 +316,8 @@ def _labels(row, items, task):
 
 
 def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
+    import json
+
     from common.feature_store import SqliteFeatureStore
     from preprocessing.__main__ import main
 
@@ -256,30 +325,41 @@ def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
         str(tmp_path / "raw"),
         rec_rows=[rec_row(1, 101, 5000, 10000, T0, like=1),
                   rec_row(1, 102, 15000, 10000, T0 + 1000, follow=1),
+                  rec_row(1, 109, 0, 10000, T0 + 2000, click=0),  # shown, not opened
                   rec_row(2, 103, 1000, 1000, T0 + 500)],
         src_rows=[src_row(1, 500, T0 + 5000, "[20, 34]", 11, 1),
                   src_row(1, 500, T0 + 5000, "[20, 34]", 12, 0),
                   src_row(1, 500, T0 + 5000, "[20, 34]", 13, 3),
                   src_row(1, 600, T0 + 9000, "[20, 7]", 11, 0),
                   src_row(1, 600, T0 + 9000, "[20, 7]", 14, 1),
-                  src_row(2, 700, T0 + 9500, "[99]", 12, 0)],
+                  src_row(2, 700, T0 + 9500, "[99]", 12, 1)],  # the test split
         item_rows=[item_row(11, "[20, 5]", 900, 1, 2), item_row(12, "[34, 6]", 901, 1, 3),
                    item_row(13, "[34, 5]", 900, 1, 2), item_row(14, "[7, 20]", 902, 4, 5)],
         user_rows=[[1, 2, 3, 0, 1], [2, 1, 1, 1, 1]])
     out = str(tmp_path / "out")
     assert main(["--input-format", "kuaisar", "--input", raw, "--output", out,
-                 "--embedding-dim", "8", "--eval-fraction", "0", "--test-fraction", "0"]) == 0
-    metadata, items, examples = _read_back(out)
+                 "--embedding-dim", "8", "--eval-fraction", "0", "--test-fraction", "0.2"]) == 0
+    metadata, items, examples, splits = _read_back(out)
+    assert splits == {"500": "train", "600": "train", "700": "test"}
+    with open(f"{out}/stats.json") as f:
+        text_tower = json.load(f)["text_tower"]
+    # prepare() held out the very request the pipeline put in test, and only it
+    assert text_tower["split_cutoffs_ms"] == {"eval": T0 + 9500, "test": T0 + 9500}
+    assert (text_tower["held_out_requests"], text_tower["held_out_click_pairs"]) == (1, 1)
+    assert text_tower["pairs"] == 3
+    assert "109" not in items  # the unclicked impression is no behaviour, so no item either
     assert tuple(metadata.tasks) == F.KUAISAR_TASKS
     assert tuple(metadata.engagement_names) == F.ENGAGEMENT_NAMES["kuaisar"]
     assert metadata.embedding_dim == 8 and set(examples) == {"500", "600", "700"}
 
     first, second = examples["500"], examples["600"]
     assert _labels(first, items, "click") == {"11": 1.0, "12": 0.0, "13": 1.0}
+    assert _labels(examples["700"], items, "click") == {"12": 1.0}
     assert _labels(second, items, "click") == {"11": 0.0, "14": 1.0}
     feed_102 = ("102", 4.0, F.SOURCE_FEED, (1.5, 0.0, 1.0, 0.0))
     feed_101 = ("101", 5.0, F.SOURCE_FEED, (0.5, 1.0, 0.0, 0.0))
-    # session 500's own clicks happen at its time: not in its features, in the next session's
+    # session 500's own clicks happen at its time: not in its features, in the next session's;
+    # the unclicked impression 109 (T0 + 2000) is in no sequence
     assert _long_sequence(first, items) == [feed_102, feed_101]
     later = _long_sequence(second, items)
     assert sorted(later[:2]) == [("11", 4.0, F.SOURCE_SEARCH, (0.0,) * 4),
@@ -296,6 +376,8 @@ def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
         np.testing.assert_allclose(embedding, examples[request_id][F.QUERY_EMBEDDING],
                                    rtol=1e-5, atol=1e-6)
     assert abs(np.linalg.norm(examples["500"][F.QUERY_EMBEDDING]) - 1.0) < 1e-5
+    # 99 is the keyword of the test session only: known to the vocabulary, never trained
+    assert not examples["700"][F.QUERY_EMBEDDING].any()
     table = np.load(f"{out}/{F.ITEM_EMBEDDINGS_FILE}")
     assert table.shape == (metadata.num_items + 1, 8)
     assert abs(np.linalg.norm(table[items.index("11")]) - 1.0) < 1e-5
