@@ -284,8 +284,9 @@ def parse_args(argv: Optional[List[str]] = None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1_000, 10_000, 100_000],
                         help="history lengths L to measure (default: 10^3 10^4 10^5)")
-    parser.add_argument("--k1", type=int, default=100, help="stage-1 size K1 (default 100, "
-                        "trainer.config.ModelConfig.k1)")
+    parser.add_argument("--k1", type=int, default=features.DEFAULT_STAGE1_K,
+                        help="stage-1 size K1 (default %(default)s, "
+                             "common.features.DEFAULT_STAGE1_K)")
     parser.add_argument("--users", type=int, default=3, help="users per length (default 3)")
     parser.add_argument("--queries", type=int, default=100, help="queries per user (default 100)")
     parser.add_argument("--topics", type=int, default=1000, help="item topics (clusters)")

@@ -6,7 +6,7 @@
 For every (model, long-term length, batch size) it builds a synthetic batch from the feature spec
 (common.features: every sequence full, random ids, `--candidates` candidates per request),
 compiles the model of `trainer.model.build_model` with Adam and the trainer's own train step
-(`trainer.task.install_train_step`), runs `--warmup` untimed steps (tracing) and then `--steps`
+(`RankingModel.train_step`), runs `--warmup` untimed steps (tracing) and then `--steps`
 timed steps, and reports
 
 * candidates/s and requests/s (training examples per second),
@@ -82,7 +82,6 @@ def run_one(model_name, long_length, requests, candidates, steps, warmup, num_it
     from common import features as F
     from trainer import config as config_lib
     from trainer import model as model_lib
-    from trainer.task import install_train_step
 
     metadata = F.DatasetMetadata(num_items=num_items, num_authors=num_items // 10,
                                  num_categories=200, num_users=10_000,
@@ -96,7 +95,6 @@ def run_one(model_name, long_length, requests, candidates, steps, warmup, num_it
     model = model_lib.build_model(config, metadata, item_embeddings)
     model(model_lib.dummy_features(metadata, 2, 2))
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
-    install_train_step(model)
     batch = synthetic_batch(metadata, requests, candidates)
     step = tf.function(model.train_step)
     start = time.perf_counter()

@@ -108,7 +108,9 @@ def run(args, store=None) -> Dict[str, object]:
             "something else. Preprocess with --long-term-mode stage1 (or pass "
             "--allow-recent-mode to measure anyway).")
     config = ModelConfig.load(args.model_dir)
-    k1 = min(args.k1, metadata.long_term_length)
+    # K1 and the threshold the data was built with (metadata.json): the only ones that compare
+    k1 = metadata.stage1_k or metadata.long_term_length
+    threshold = metadata.stage1_threshold
     tasks = list(metadata.tasks)
     if store is None:
         store = open_feature_store(
@@ -130,7 +132,7 @@ def run(args, store=None) -> Dict[str, object]:
         numpy_batch = {k: v.numpy() for k, v in batch.items()}
         times = numpy_batch[F.REQUEST_TIME]
         results = [searcher.top_k(user.decode(), numpy_batch[F.QUERY_EMBEDDING][b], k1,
-                                  before_ms=int(times[b]), threshold=args.threshold)
+                                  before_ms=int(times[b]), threshold=threshold)
                    for b, user in enumerate(numpy_batch[F.USER_ID])]
         for r in results:
             backends[r.backend] = backends.get(r.backend, 0) + 1
@@ -199,14 +201,6 @@ def markdown(result: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
-def default_stage1_k() -> int:
-    try:
-        from preprocessing.options import DEFAULT_STAGE1_K
-    except ImportError:  # preprocessing not installed next to serving
-        return 100
-    return int(DEFAULT_STAGE1_K)
-
-
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,11 +211,6 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="trained model directory of `python -m trainer.task`")
     parser.add_argument("--split", default="eval", choices=F.SPLITS)
     parser.add_argument("--feature-store", help="default: DATA/feature_store.sqlite")
-    parser.add_argument("--k1", type=int, default=default_stage1_k(),
-                        help="must equal preprocessing's --stage1-k (default: its default, "
-                             "%(default)s)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="must equal preprocessing's --stage1-threshold (default none)")
     parser.add_argument("--scann-min-history", type=int, default=Stage1Config.scann_min_history,
                         help="distinct items from which a user is served by ScaNN (default: "
                              "the serving default; 16 forces ScaNN for every user; a huge "
@@ -235,8 +224,6 @@ def parse_args(argv: Optional[List[str]] = None):
     args = parser.parse_args(argv)
     if args.scann_min_history < 16:
         parser.error("--scann-min-history must be >= 16")
-    if args.k1 < 1:
-        parser.error("--k1 must be >= 1")
     return args
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,6 +40,7 @@ DEFAULT_EMBEDDING_DIM = 32
 DEFAULT_LONG_TERM_LENGTH = 1000
 DEFAULT_REAL_TIME_LENGTH = 50
 DEFAULT_MAX_CANDIDATES = 200
+DEFAULT_STAGE1_K = 100  # K1 of RSU stage 1: preprocessing's --stage1-k and the model's default
 MAX_QUERY_TOKENS = 16
 DEFAULT_QUERY_TOKEN_BUCKETS = 100_000
 DEFAULT_PROFILE_BUCKETS = 1_000
@@ -75,7 +76,6 @@ NUM_CANDIDATES = "num_candidates"
 CANDIDATE_ITEM = "candidate_item"
 CANDIDATE_AUTHOR = "candidate_author"
 CANDIDATE_CATEGORY = "candidate_category"  # [N * NUM_CATEGORY_LEVELS]
-CANDIDATE_FEATURES = (CANDIDATE_ITEM, CANDIDATE_AUTHOR, CANDIDATE_CATEGORY)
 
 # ---- behaviour sequences -------------------------------------------------------------------
 LONG_TERM = "long"  # full-site behaviours strictly before the request, up to long_term_length
@@ -83,13 +83,81 @@ REAL_TIME = "rt"  # the last real_time_length behaviours strictly before the req
 SEQUENCES = (LONG_TERM, REAL_TIME)
 SEQ_LENGTH, SEQ_ITEM, SEQ_AUTHOR, SEQ_CATEGORY = "length", "item", "author", "category"
 SEQ_ENGAGEMENT, SEQ_SOURCE, SEQ_TIME_GAP = "engagement", "source", "time_gap"
-SEQ_FIELDS = (SEQ_ITEM, SEQ_AUTHOR, SEQ_CATEGORY, SEQ_ENGAGEMENT, SEQ_SOURCE, SEQ_TIME_GAP)
-# Elements per behaviour for each field (category and engagement are flattened row-major).
-SEQ_FIELD_WIDTH = {SEQ_ITEM: 1, SEQ_AUTHOR: 1, SEQ_CATEGORY: NUM_CATEGORY_LEVELS,
-                   SEQ_ENGAGEMENT: ENGAGEMENT_DIM, SEQ_SOURCE: 1, SEQ_TIME_GAP: 1}
-SEQ_FIELD_DTYPE = {SEQ_ITEM: "int64", SEQ_AUTHOR: "int64", SEQ_CATEGORY: "int64",
-                   SEQ_ENGAGEMENT: "float32", SEQ_SOURCE: "int64", SEQ_TIME_GAP: "float32"}
+# ---- the feature table: one row per feature, every layout function below is derived from it --
+REQUEST_LEVEL, CANDIDATE_LEVEL, SEQUENCE_LEVEL, LABEL_LEVEL = (
+    "request", "candidate", "sequence", "label")
+EMBEDDING_WIDTH = "embedding_dim"  # a width read from DatasetMetadata.embedding_dim
 
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """One feature of the request layout.
+
+    `width` is the number of values per row: per request (request level), per candidate
+    (candidate level) or per behaviour (sequence level); EMBEDDING_WIDTH means the dataset's
+    embedding dimension. A `counted_by` feature is a list whose real length is carried by that
+    explicit count feature (never inferred from padding). `model_input=False` marks features
+    kept for grouping and bookkeeping only (ids, time): the model and the listwise serving
+    signature do not read them.
+    """
+
+    name: str
+    dtype: str  # "int64" | "float32" | "string"
+    level: str
+    width: Union[int, str] = 1
+    default: Any = 0
+    counted_by: Optional[str] = None
+    scalar: bool = False  # one value per request (dense shape [B]); else a vector [B, width]
+    model_input: bool = True
+    required: bool = False  # make_example refuses a request without it (no default applies)
+    sequence: Optional[str] = None  # the behaviour sequence a sequence-level feature belongs to
+
+    def resolved_width(self, metadata: "DatasetMetadata") -> int:
+        return metadata.embedding_dim if self.width == EMBEDDING_WIDTH else int(self.width)
+
+    @property
+    def numpy_dtype(self):
+        return object if self.dtype == "string" else np.dtype(self.dtype)
+
+
+REQUEST_SPECS = (
+    FeatureSpec(REQUEST_ID, "string", REQUEST_LEVEL, default="", scalar=True, model_input=False,
+                required=True),
+    FeatureSpec(USER_ID, "string", REQUEST_LEVEL, default="", scalar=True, model_input=False,
+                required=True),
+    FeatureSpec(USER_INDEX, "int64", REQUEST_LEVEL, default=OOV_INDEX, scalar=True),
+    FeatureSpec(REQUEST_TIME, "int64", REQUEST_LEVEL, scalar=True, model_input=False,
+                required=True),
+    FeatureSpec(QUERY_TOKENS, "int64", REQUEST_LEVEL, width=MAX_QUERY_TOKENS,
+                counted_by=QUERY_LENGTH),
+    FeatureSpec(QUERY_LENGTH, "int64", REQUEST_LEVEL, scalar=True),
+    FeatureSpec(QUERY_EMBEDDING, "float32", REQUEST_LEVEL, width=EMBEDDING_WIDTH, required=True),
+    FeatureSpec(USER_PROFILE, "int64", REQUEST_LEVEL, width=USER_PROFILE_DIM, default=OOV_INDEX),
+)
+NUM_CANDIDATES_SPEC = FeatureSpec(NUM_CANDIDATES, "int64", REQUEST_LEVEL, scalar=True)
+CANDIDATE_SPECS = (
+    FeatureSpec(CANDIDATE_ITEM, "int64", CANDIDATE_LEVEL),
+    FeatureSpec(CANDIDATE_AUTHOR, "int64", CANDIDATE_LEVEL),
+    FeatureSpec(CANDIDATE_CATEGORY, "int64", CANDIDATE_LEVEL, width=NUM_CATEGORY_LEVELS),
+)
+# One entry per field of a behaviour; each sequence of SEQUENCES has every field. Adding a
+# field here adds it to examples, parsing, the model's dense inputs, serving signatures, the
+# point-in-time join and the behaviour index.
+SEQUENCE_FIELD_SPECS = (
+    FeatureSpec(SEQ_ITEM, "int64", SEQUENCE_LEVEL),
+    FeatureSpec(SEQ_AUTHOR, "int64", SEQUENCE_LEVEL),
+    FeatureSpec(SEQ_CATEGORY, "int64", SEQUENCE_LEVEL, width=NUM_CATEGORY_LEVELS),
+    FeatureSpec(SEQ_ENGAGEMENT, "float32", SEQUENCE_LEVEL, width=ENGAGEMENT_DIM),
+    FeatureSpec(SEQ_SOURCE, "int64", SEQUENCE_LEVEL),
+    FeatureSpec(SEQ_TIME_GAP, "float32", SEQUENCE_LEVEL),
+)
+SEQ_FIELDS = tuple(s.name for s in SEQUENCE_FIELD_SPECS)
+# Elements per behaviour for each field (category and engagement are flattened row-major).
+SEQ_FIELD_WIDTH = {s.name: int(s.width) for s in SEQUENCE_FIELD_SPECS}
+SEQ_FIELD_DTYPE = {s.name: s.dtype for s in SEQUENCE_FIELD_SPECS}
+# Fields a stored behaviour carries (the time gap is derived from the request time).
+STORED_SEQ_FIELDS = tuple(f for f in SEQ_FIELDS if f != SEQ_TIME_GAP)
+CANDIDATE_FEATURES = tuple(s.name for s in CANDIDATE_SPECS)
 
 def seq_feature(sequence: str, field: str) -> str:
     """Feature name of one field of a behaviour sequence, e.g. ('long', 'item') -> 'long_item'."""
@@ -110,16 +178,32 @@ def true_prob_feature(task: str) -> str:
     return f"prob_{task}"
 
 
+# ---- model outputs (the ranking model's output dict; serving signatures reuse the keys) ------
+SCORE = "score"  # fused ranking score [B, N]
+RSU_SELECTED_INDEX = "rsu_selected_index"  # int32 [B, N, K2]: long-term positions, -1 = none
+RSU_SELECTED_WEIGHT = "rsu_selected_weight"  # float32 [B, N, K2]: their attention weights
+RSU_OUTPUTS = (RSU_SELECTED_INDEX, RSU_SELECTED_WEIGHT)
+
+
+def model_output_names(tasks: Sequence[str]) -> List[str]:
+    """Keys of the model's output dict: every task's probability, the score, the RSU outputs."""
+    return list(tasks) + [SCORE] + list(RSU_OUTPUTS)
+
+
 # ---- dataset metadata (metadata.json at the preprocessing output root) ---------------------
 METADATA_FILE = "metadata.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"  # float32 [num_items + 1, embedding_dim], row 0 = 0
 VOCAB_DIR = "vocab"
 SPLITS = ("train", "eval", "test")
+LONG_TERM_MODES = ("recent", "stage1")
 
 
 @dataclasses.dataclass
 class DatasetMetadata:
-    """What the trainer and serving must know about a preprocessed dataset."""
+    """What the trainer and serving must know about a preprocessed dataset: vocabulary sizes
+    and every setting that shaped the examples (sequence lengths, long-term mode, stage-1 K and
+    threshold, tasks), so that the model and the serving path read them instead of repeating
+    them."""
 
     input_format: str = "canonical"
     tasks: Sequence[str] = DEFAULT_TASKS
@@ -133,11 +217,38 @@ class DatasetMetadata:
     long_term_length: int = DEFAULT_LONG_TERM_LENGTH
     real_time_length: int = DEFAULT_REAL_TIME_LENGTH
     max_candidates: int = DEFAULT_MAX_CANDIDATES
-    # "recent": the most recent long_term_length behaviours; "stage1": the top-K1 behaviours of
-    # the whole history by cosine(query, behaviour) computed point in time (lifelong users).
+    # "recent": the most recent long_term_length behaviours; "stage1": RSU stage 1 computed
+    # point in time over the whole history: the top-stage1_k behaviours by cosine(query,
+    # behaviour), only those with cosine >= stage1_threshold when it is set (lifelong users).
     long_term_mode: str = "recent"
+    stage1_k: Optional[int] = None  # K1 of mode stage1 (= long_term_length); None otherwise
+    stage1_threshold: Optional[float] = None  # eps of mode stage1; None = no threshold
     engagement_names: Sequence[str] = ENGAGEMENT_NAMES["canonical"]
     has_true_probabilities: bool = False
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.engagement_names = tuple(self.engagement_names)
+        if self.long_term_mode not in LONG_TERM_MODES:
+            raise ValueError(f"long_term_mode {self.long_term_mode!r}: expected one of "
+                             f"{LONG_TERM_MODES}")
+        if self.long_term_mode == "stage1":
+            if self.stage1_k is None:
+                self.stage1_k = self.long_term_length
+            if self.stage1_k != self.long_term_length:
+                raise ValueError(f"stage1 mode keeps stage1_k={self.stage1_k} behaviours, so "
+                                 f"long_term_length must equal it (got {self.long_term_length})")
+        elif self.stage1_k is not None or self.stage1_threshold is not None:
+            raise ValueError("stage1_k and stage1_threshold only apply to long_term_mode "
+                             f"'stage1' (mode is {self.long_term_mode!r})")
+
+    def sequence_length(self, sequence: str) -> int:
+        """Maximum number of behaviours of a sequence (LONG_TERM or REAL_TIME)."""
+        if sequence == LONG_TERM:
+            return int(self.long_term_length)
+        if sequence == REAL_TIME:
+            return int(self.real_time_length)
+        raise ValueError(f"unknown sequence {sequence!r}; expected one of {SEQUENCES}")
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -169,22 +280,96 @@ class DatasetMetadata:
         return cls(**raw)
 
 
+# ---- the layout derived from the table -------------------------------------------------------
+def sequence_specs(sequence: str) -> List[FeatureSpec]:
+    """The length feature and every field of one behaviour sequence, named `<seq>_<field>`."""
+    specs = [FeatureSpec(seq_feature(sequence, SEQ_LENGTH), "int64", REQUEST_LEVEL, scalar=True)]
+    return specs + [dataclasses.replace(s, name=seq_feature(sequence, s.name),
+                                        counted_by=seq_feature(sequence, SEQ_LENGTH),
+                                        sequence=sequence)
+                    for s in SEQUENCE_FIELD_SPECS]
+
+
+def label_specs(metadata: DatasetMetadata) -> List[FeatureSpec]:
+    """Per-candidate labels of every task, and true probabilities when the data has them."""
+    specs = [FeatureSpec(label_feature(t), "float32", LABEL_LEVEL) for t in metadata.tasks]
+    if metadata.has_true_probabilities:
+        specs += [FeatureSpec(true_prob_feature(t), "float32", LABEL_LEVEL)
+                  for t in metadata.tasks]
+    return specs
+
+
+def feature_specs(metadata: DatasetMetadata, with_labels: bool = True) -> List[FeatureSpec]:
+    """Every feature of a request example, request side first, then the candidates."""
+    specs = list(REQUEST_SPECS)
+    for seq in SEQUENCES:
+        specs += sequence_specs(seq)
+    specs += [NUM_CANDIDATES_SPEC] + list(CANDIDATE_SPECS)
+    return specs + (label_specs(metadata) if with_labels else [])
+
+
+def request_feature_names(metadata: DatasetMetadata) -> List[str]:
+    """Features that describe the request and the user (the context of a candidate list)."""
+    return [s.name for s in feature_specs(metadata, with_labels=False)
+            if s.level in (REQUEST_LEVEL, SEQUENCE_LEVEL) and s.name != NUM_CANDIDATES]
+
+
+def candidate_feature_names(metadata: DatasetMetadata, with_labels: bool = True) -> List[str]:
+    return [NUM_CANDIDATES] + [s.name for s in feature_specs(metadata, with_labels)
+                               if s.level in (CANDIDATE_LEVEL, LABEL_LEVEL)]
+
+
+def model_input_names(metadata: DatasetMetadata) -> List[str]:
+    """The features the model reads (parse_examples without labels and bookkeeping ids)."""
+    return [s.name for s in feature_specs(metadata, with_labels=False) if s.model_input]
+
+
+class DenseFeature(NamedTuple):
+    """dtype and dense shape of one model input; None = any size (batch, candidates)."""
+
+    dtype: str
+    shape: List[Optional[int]]
+    level: str
+
+
+def dense_layout(metadata: DatasetMetadata, with_labels: bool = False,
+                 fixed_lengths: bool = True, model_inputs_only: bool = False
+                 ) -> Dict[str, DenseFeature]:
+    """The dense tensors of the model's input dict (what `parse_examples` returns).
+
+    Shapes: request scalars [B]; request vectors [B, width]; candidate features [B, N] or
+    [B, N, width]; sequence fields [B, L] or [B, L, width] with L the dataset's length of that
+    sequence; labels [B, N]. With `fixed_lengths=False`, L and the query-token width are None
+    (the listwise serving signature accepts any and cuts or pads them).
+    """
+    out: Dict[str, DenseFeature] = {}
+    for spec in feature_specs(metadata, with_labels):
+        if model_inputs_only and not spec.model_input:
+            continue
+        width = spec.resolved_width(metadata)
+        tail = [width] if width > 1 else []
+        if spec.scalar:
+            shape: List[Optional[int]] = [None]
+        elif spec.level == REQUEST_LEVEL:
+            shape = [None, width if fixed_lengths or spec.counted_by is None else None]
+        elif spec.level == SEQUENCE_LEVEL:
+            length = metadata.sequence_length(spec.sequence) if fixed_lengths else None
+            shape = [None, length] + tail
+        else:  # candidate and label level
+            shape = [None, None] + tail
+        out[spec.name] = DenseFeature(spec.dtype, shape, spec.level)
+    return out
+
+
 # ---- writing --------------------------------------------------------------------------------
-def _int64(values) -> "Any":
+def _feature_proto(dtype: str, values) -> "Any":
     from tensorflow.core.example import feature_pb2
 
-    return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(v) for v in values]))
-
-
-def _float(values) -> "Any":
-    from tensorflow.core.example import feature_pb2
-
-    return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=[float(v) for v in values]))
-
-
-def _bytes(values) -> "Any":
-    from tensorflow.core.example import feature_pb2
-
+    if dtype == "int64":
+        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(v) for v in values]))
+    if dtype == "float32":
+        return feature_pb2.Feature(
+            float_list=feature_pb2.FloatList(value=[float(v) for v in values]))
     return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(
         value=[v.encode() if isinstance(v, str) else bytes(v) for v in values]))
 
@@ -198,35 +383,45 @@ def make_example(request: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
 
     `request` maps feature names to Python/NumPy values: scalars for REQUEST_ID, USER_ID,
     USER_INDEX, REQUEST_TIME; lists for the rest. Sequences are given per field as
-    `long_item`, `long_engagement` ([len, ENGAGEMENT_DIM]) etc.; lengths are derived from
-    the item lists, so they can never disagree with the data. Labels `label_<task>` are
-    required for every task; `prob_<task>` is optional. Raises ValueError naming the field
-    when shapes are inconsistent.
+    `long_item`, `long_engagement` ([len, ENGAGEMENT_DIM]) etc.; counts and lengths
+    (query_length, num_candidates, long_length, ...) are derived from the lists, so they can
+    never disagree with the data. Labels `label_<task>` are required for every task;
+    `prob_<task>` is optional. Raises ValueError naming the field when shapes are
+    inconsistent.
     """
     from tensorflow.core.example import example_pb2, feature_pb2
 
     f: Dict[str, Any] = {}
-    f[REQUEST_ID] = _bytes([request[REQUEST_ID]])
-    f[USER_ID] = _bytes([request[USER_ID]])
-    f[USER_INDEX] = _int64([request.get(USER_INDEX, OOV_INDEX)])
-    f[REQUEST_TIME] = _int64([request[REQUEST_TIME]])
-    tokens = _flat(request.get(QUERY_TOKENS, []))[:MAX_QUERY_TOKENS]
-    f[QUERY_TOKENS] = _int64(tokens)
-    f[QUERY_LENGTH] = _int64([len(tokens)])
-    f[QUERY_EMBEDDING] = _float(_flat(request[QUERY_EMBEDDING]))
-    profile = _flat(request.get(USER_PROFILE, [OOV_INDEX] * USER_PROFILE_DIM))
-    if len(profile) != USER_PROFILE_DIM:
-        raise ValueError(f"{USER_PROFILE} has {len(profile)} values, expected {USER_PROFILE_DIM}")
-    f[USER_PROFILE] = _int64(profile)
+    counts: Dict[str, int] = {}
+    for spec in REQUEST_SPECS:
+        if spec.name in counts:
+            f[spec.name] = _feature_proto(spec.dtype, [counts[spec.name]])
+            continue
+        if spec.required and spec.name not in request:
+            raise ValueError(f"request lacks the required feature {spec.name!r}")
+        if spec.scalar:
+            f[spec.name] = _feature_proto(spec.dtype, [request.get(spec.name, spec.default)])
+            continue
+        width = int(spec.width) if spec.width != EMBEDDING_WIDTH else None
+        if spec.counted_by:  # a variable-length list, cut to its maximum width
+            values = _flat(request.get(spec.name, []))[:width]
+            counts[spec.counted_by] = len(values)
+        elif width is None:  # the embedding: its width is checked at parsing
+            values = _flat(request[spec.name])
+        else:
+            values = _flat(request.get(spec.name, [spec.default] * width))
+            if len(values) != width:
+                raise ValueError(f"{spec.name} has {len(values)} values, expected {width}")
+        f[spec.name] = _feature_proto(spec.dtype, values)
 
     n = len(_flat(request[CANDIDATE_ITEM]))
-    f[NUM_CANDIDATES] = _int64([n])
-    widths = {CANDIDATE_ITEM: 1, CANDIDATE_AUTHOR: 1, CANDIDATE_CATEGORY: NUM_CATEGORY_LEVELS}
-    for name in CANDIDATE_FEATURES:
-        values = _flat(request[name])
-        if len(values) != n * widths[name]:
-            raise ValueError(f"{name} has {len(values)} values, expected {n * widths[name]}")
-        f[name] = _int64(values)
+    f[NUM_CANDIDATES] = _feature_proto("int64", [n])
+    for spec in CANDIDATE_SPECS:
+        values = _flat(request[spec.name])
+        if len(values) != n * int(spec.width):
+            raise ValueError(f"{spec.name} has {len(values)} values, expected "
+                             f"{n * int(spec.width)}")
+        f[spec.name] = _feature_proto(spec.dtype, values)
     for task in tasks:
         for name, required in ((label_feature(task), True), (true_prob_feature(task), False)):
             if name not in request:
@@ -236,71 +431,51 @@ def make_example(request: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
             values = _flat(request[name])
             if len(values) != n:
                 raise ValueError(f"{name} has {len(values)} values, expected {n}")
-            f[name] = _float(values)
+            f[name] = _feature_proto("float32", values)
 
     for seq in SEQUENCES:
+        length_spec, *fields = sequence_specs(seq)
         length = len(_flat(request.get(seq_feature(seq, SEQ_ITEM), [])))
-        f[seq_feature(seq, SEQ_LENGTH)] = _int64([length])
-        for field in SEQ_FIELDS:
-            name = seq_feature(seq, field)
-            values = _flat(request.get(name, []))
-            expected = length * SEQ_FIELD_WIDTH[field]
+        f[length_spec.name] = _feature_proto("int64", [length])
+        for spec in fields:
+            values = _flat(request.get(spec.name, []))
+            expected = length * int(spec.width)
             if len(values) != expected:
-                raise ValueError(f"{name} has {len(values)} values, expected {expected}")
-            f[name] = (_float if SEQ_FIELD_DTYPE[field] == "float32" else _int64)(values)
+                raise ValueError(f"{spec.name} has {len(values)} values, expected {expected}")
+            f[spec.name] = _feature_proto(spec.dtype, values)
     return example_pb2.Example(features=feature_pb2.Features(feature=f))
 
 
 # ---- reading --------------------------------------------------------------------------------
-def request_feature_names(metadata: DatasetMetadata) -> List[str]:
-    """Features that describe the request and the user (the context of a candidate list)."""
-    names = [REQUEST_ID, USER_ID, USER_INDEX, REQUEST_TIME, QUERY_TOKENS, QUERY_LENGTH,
-             QUERY_EMBEDDING, USER_PROFILE]
-    for seq in SEQUENCES:
-        names += [seq_feature(seq, SEQ_LENGTH)] + [seq_feature(seq, f) for f in SEQ_FIELDS]
-    return names
+def _tf_dtype(dtype: str):
+    import tensorflow as tf
 
-
-def candidate_feature_names(metadata: DatasetMetadata, with_labels: bool = True) -> List[str]:
-    names = [NUM_CANDIDATES] + list(CANDIDATE_FEATURES)
-    if with_labels:
-        names += [label_feature(t) for t in metadata.tasks]
-        if metadata.has_true_probabilities:
-            names += [true_prob_feature(t) for t in metadata.tasks]
-    return names
+    return {"int64": tf.int64, "float32": tf.float32, "string": tf.string}[dtype]
 
 
 def parsing_spec(metadata: DatasetMetadata, with_labels: bool = True) -> Dict[str, Any]:
     """tf.io.parse_example spec. Variable-length lists are RaggedFeatures (densified later)."""
     import tensorflow as tf
 
-    spec: Dict[str, Any] = {
-        REQUEST_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        USER_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        USER_INDEX: tf.io.FixedLenFeature([], tf.int64, default_value=OOV_INDEX),
-        REQUEST_TIME: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-        QUERY_TOKENS: tf.io.RaggedFeature(tf.int64),
-        QUERY_LENGTH: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-        QUERY_EMBEDDING: tf.io.FixedLenFeature([metadata.embedding_dim], tf.float32),
-        USER_PROFILE: tf.io.FixedLenFeature([USER_PROFILE_DIM], tf.int64,
-                                            default_value=[OOV_INDEX] * USER_PROFILE_DIM),
-        NUM_CANDIDATES: tf.io.FixedLenFeature([], tf.int64),
-    }
-    for name in CANDIDATE_FEATURES:
-        spec[name] = tf.io.RaggedFeature(tf.int64)
-    if with_labels:
-        for name in candidate_feature_names(metadata)[len(CANDIDATE_FEATURES) + 1:]:
-            spec[name] = tf.io.RaggedFeature(tf.float32)
-    for seq in SEQUENCES:
-        spec[seq_feature(seq, SEQ_LENGTH)] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
-        for field in SEQ_FIELDS:
-            dtype = tf.float32 if SEQ_FIELD_DTYPE[field] == "float32" else tf.int64
-            spec[seq_feature(seq, field)] = tf.io.RaggedFeature(dtype)
+    spec: Dict[str, Any] = {}
+    for s in feature_specs(metadata, with_labels):
+        dtype = _tf_dtype(s.dtype)
+        if s.scalar:
+            required = s.name in (NUM_CANDIDATES,)
+            spec[s.name] = (tf.io.FixedLenFeature([], dtype) if required else
+                            tf.io.FixedLenFeature([], dtype, default_value=s.default))
+        elif s.level == REQUEST_LEVEL and not s.counted_by:
+            width = s.resolved_width(metadata)
+            spec[s.name] = (tf.io.FixedLenFeature([width], dtype) if s.width == EMBEDDING_WIDTH
+                            else tf.io.FixedLenFeature([width], dtype,
+                                                       default_value=[s.default] * width))
+        else:
+            spec[s.name] = tf.io.RaggedFeature(dtype)
     return spec
 
 
 def densify(parsed: Mapping[str, Any], metadata: DatasetMetadata) -> Dict[str, Any]:
-    """Turns parse_example output into dense tensors of the model's input shapes.
+    """Turns parse_example output into the dense tensors of `dense_layout`.
 
     Shapes (B = batch of requests, N = max candidates in the batch, L/R = sequence lengths):
     query_tokens [B, MAX_QUERY_TOKENS], candidate_item/author [B, N],
@@ -310,29 +485,25 @@ def densify(parsed: Mapping[str, Any], metadata: DatasetMetadata) -> Dict[str, A
     """
     import tensorflow as tf
 
+    layout = dense_layout(metadata, with_labels=True)
     out: Dict[str, Any] = {}
     for name, value in parsed.items():
         if not isinstance(value, tf.RaggedTensor):
             out[name] = value
-    out[QUERY_TOKENS] = parsed[QUERY_TOKENS].to_tensor(shape=[None, MAX_QUERY_TOKENS])
-    for name in candidate_feature_names(metadata, with_labels=True):
-        if name == NUM_CANDIDATES or name not in parsed:
             continue
-        value = parsed[name]
-        if name == CANDIDATE_CATEGORY:  # rows hold N * LEVELS values, padded at the end
-            dense = value.to_tensor()
-            out[name] = tf.reshape(dense, [tf.shape(dense)[0], -1, NUM_CATEGORY_LEVELS])
-        else:
-            out[name] = value.to_tensor()
-    for seq, max_len in ((LONG_TERM, metadata.long_term_length),
-                         (REAL_TIME, metadata.real_time_length)):
-        for field in SEQ_FIELDS:
-            name = seq_feature(seq, field)
-            width = SEQ_FIELD_WIDTH[field]
-            dense = parsed[name].to_tensor(shape=[None, max_len * width])
-            out[name] = tf.reshape(dense, [-1, max_len, width]) if width > 1 else dense
+        dense = layout[name]
+        if dense.level == SEQUENCE_LEVEL or dense.level == REQUEST_LEVEL:
+            # fixed width: cut or pad to the dataset's maximum (rows are flattened row-major)
+            per_row = int(np.prod(dense.shape[2:], dtype=np.int64))
+            flat = value.to_tensor(shape=[None, dense.shape[1] * per_row])
+            out[name] = tf.reshape(flat, [-1] + dense.shape[1:]) if per_row > 1 else flat
+        else:  # candidate lists: as wide as the longest list of the batch
+            flat = value.to_tensor()
+            out[name] = (tf.reshape(flat, [tf.shape(flat)[0], -1] + dense.shape[2:])
+                         if len(dense.shape) > 2 else flat)
+    for seq in SEQUENCES:
         length = seq_feature(seq, SEQ_LENGTH)
-        out[length] = tf.minimum(parsed[length], max_len)
+        out[length] = tf.minimum(parsed[length], metadata.sequence_length(seq))
     return out
 
 

@@ -21,7 +21,7 @@ from common import features as F
 
 FORMATS = ("canonical", "kuaisar", "jdsearch")
 LONG_TERM_MODES = ("recent", "stage1")
-DEFAULT_STAGE1_K = 100
+DEFAULT_STAGE1_K = F.DEFAULT_STAGE1_K
 DEFAULT_EVAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.1
 

@@ -41,6 +41,7 @@ local temporary directory and then copied.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import io
 import json
@@ -58,7 +59,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import common  # noqa: F401
 from common import features as F
-from preprocessing import point_in_time as pit
+from common import point_in_time as pit
 from preprocessing import stats as S
 from preprocessing.records import DeadLetter
 from preprocessing.splits import request_timestamps_to_cutoffs, split_of
@@ -82,31 +83,43 @@ class InputError(ValueError):
     """The input as a whole is unusable (raised before Beam starts)."""
 
 
-# ---- configuration shipped to workers (plain values only) -----------------------------------
-def core_config(args: argparse.Namespace, prepared: Dict[str, Any]) -> Dict[str, Any]:
-    long_len = args.stage1_k if args.long_term_mode == "stage1" else args.long_term_length
+# ---- configuration shipped to workers (plain, picklable values only) --------------------------
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What the workers need. `metadata` holds every setting that shapes the examples (tasks,
+    dimensions, sequence lengths, long-term mode, stage-1 K and threshold, hashing buckets);
+    `finish` completes it with the vocabulary sizes and writes it as metadata.json, so the
+    trainer and serving read exactly the settings the data was built with."""
+
+    metadata: F.DatasetMetadata
+    eval_fraction: float
+    test_fraction: float
+    # token id -> embedding, to embed a request that arrives without a query embedding
+    query_vocab: Optional[Dict[int, Tuple[float, ...]]] = None
+    num_shards: int = 0
+
+
+def core_config(args: argparse.Namespace, prepared: Dict[str, Any]) -> PipelineConfig:
+    stage1 = args.long_term_mode == "stage1"
     vocab = prepared.get("query_vocab")
-    return {
-        "input_format": args.input_format,
-        "embedding_dim": int(prepared["embedding_dim"]),
-        "tasks": tuple(prepared["tasks"]),
-        "engagement_names": tuple(prepared["engagement_names"]),
-        "has_true_probabilities": bool(prepared.get("has_true_probabilities", False)),
-        "long_term_length": int(long_len),
-        "real_time_length": int(args.real_time_length),
-        "max_candidates": int(args.max_candidates),
-        "long_term_mode": args.long_term_mode,
-        "stage1_k": int(args.stage1_k),
-        "stage1_threshold": args.stage1_threshold,
-        "eval_fraction": float(args.eval_fraction),
-        "test_fraction": float(args.test_fraction),
-        "query_token_buckets": int(args.query_token_buckets),
-        "profile_buckets": int(args.profile_buckets),
-        # token id -> embedding, to embed a request that arrives without a query embedding
-        "query_vocab": None if vocab is None else {
+    metadata = F.DatasetMetadata(
+        input_format=args.input_format, tasks=tuple(prepared["tasks"]),
+        embedding_dim=int(prepared["embedding_dim"]),
+        query_token_buckets=int(args.query_token_buckets),
+        profile_buckets=int(args.profile_buckets),
+        long_term_length=int(args.stage1_k if stage1 else args.long_term_length),
+        real_time_length=int(args.real_time_length), max_candidates=int(args.max_candidates),
+        long_term_mode=args.long_term_mode, stage1_k=int(args.stage1_k) if stage1 else None,
+        stage1_threshold=args.stage1_threshold if stage1 else None,
+        engagement_names=tuple(prepared["engagement_names"]),
+        has_true_probabilities=bool(prepared.get("has_true_probabilities", False)))
+    return PipelineConfig(
+        metadata=metadata, eval_fraction=float(args.eval_fraction),
+        test_fraction=float(args.test_fraction),
+        query_vocab=None if vocab is None else {
             int(t): tuple(float(x) for x in e)
             for t, e in zip(vocab["token_id"], vocab["embedding"])},
-    }
+        num_shards=int(getattr(args, "num_shards", 0) or 0))
 
 
 def _dead(source: str, reason: str, row: Any) -> beam.pvalue.TaggedOutput:
@@ -204,7 +217,7 @@ class ValidateUsers(beam.DoFn):
 
 # ---- behaviours and requests ---------------------------------------------------------------
 class ResolveBehaviours(beam.DoFn):
-    """BehaviourRecord -> (user_id, pit.Behaviour) with vocabulary indices, or a reject."""
+    """BehaviourRecord -> (user_id, pit.BehaviourRow) with vocabulary indices, or a reject."""
 
     def process(self, b, catalog):
         yield _stat("behaviours_read")
@@ -227,14 +240,16 @@ class ResolveBehaviours(beam.DoFn):
             yield _stat(f"behaviours_rejected/{reason}")
             return
         index, author, categories = catalog["rows"][b.item_id]
-        yield (b.user_id, (int(b.timestamp_ms), int(index), int(b.source),
-                           tuple(float(v) for v in b.engagement), int(author), categories))
+        yield (b.user_id, pit.BehaviourRow(
+            timestamp_ms=int(b.timestamp_ms), item=int(index), source=int(b.source),
+            engagement=tuple(float(v) for v in b.engagement), author=int(author),
+            category=tuple(categories)))
 
 
 def _query_embedding(request, config) -> Optional[Tuple[float, ...]]:
     if request.query_embedding is not None:
         return tuple(request.query_embedding)
-    vocab = config["query_vocab"]
+    vocab = config.query_vocab
     if not vocab:
         return None
     known = [vocab[t] for t in request.query_tokens if t in vocab]
@@ -275,19 +290,19 @@ class ResolveRequests(beam.DoFn):
             reason = "negative_timestamp"
         elif embedding is None:
             reason = "missing_query_embedding"
-        elif len(embedding) != cfg["embedding_dim"]:
+        elif len(embedding) != cfg.metadata.embedding_dim:
             reason = "wrong_embedding_dim"
         elif not all(math.isfinite(v) for v in embedding):
             reason = "nan_embedding"
         elif n == 0:
             reason = "no_candidates"
-        elif any(t not in r.labels for t in cfg["tasks"]):
+        elif any(t not in r.labels for t in cfg.metadata.tasks):
             reason = "missing_labels"
-        elif any(len(r.labels[t]) != n for t in cfg["tasks"]):
+        elif any(len(r.labels[t]) != n for t in cfg.metadata.tasks):
             reason = "label_length_mismatch"
-        elif cfg["has_true_probabilities"] and (
+        elif cfg.metadata.has_true_probabilities and (
                 not r.true_probabilities
-                or any(len(r.true_probabilities.get(t, ())) != n for t in cfg["tasks"])):
+                or any(len(r.true_probabilities.get(t, ())) != n for t in cfg.metadata.tasks)):
             reason = "label_length_mismatch"
         if reason:
             yield _dead("requests", reason, r)
@@ -301,9 +316,9 @@ class ResolveRequests(beam.DoFn):
                 yield _dead("requests", "unknown_candidate_item", {
                     "request_id": request_id, "position": pos, "candidate_item_id": item_id})
                 yield _stat("candidates_rejected/unknown_item")
-        if len(keep) > cfg["max_candidates"]:
-            yield _stat("candidates_truncated", len(keep) - cfg["max_candidates"])
-            keep = keep[:cfg["max_candidates"]]
+        if len(keep) > cfg.metadata.max_candidates:
+            yield _stat("candidates_truncated", len(keep) - cfg.metadata.max_candidates)
+            keep = keep[:cfg.metadata.max_candidates]
         if not keep:
             yield _dead("requests", "no_known_candidates", r)
             yield _stat("requests_rejected/no_known_candidates")
@@ -311,16 +326,16 @@ class ResolveRequests(beam.DoFn):
         rows = [catalog["rows"][r.candidate_item_ids[p]] for p in keep]
         resolved = {
             F.REQUEST_ID: request_id, F.USER_ID: r.user_id, F.REQUEST_TIME: int(r.timestamp_ms),
-            F.QUERY_TOKENS: [F.query_token_index(t, cfg["query_token_buckets"])
+            F.QUERY_TOKENS: [F.query_token_index(t, cfg.metadata.query_token_buckets)
                              for t in r.query_tokens][:F.MAX_QUERY_TOKENS],
             F.QUERY_EMBEDDING: list(embedding),
             F.CANDIDATE_ITEM: [row[0] for row in rows],
             F.CANDIDATE_AUTHOR: [row[1] for row in rows],
             F.CANDIDATE_CATEGORY: [list(row[2]) for row in rows],
         }
-        for task in cfg["tasks"]:
+        for task in cfg.metadata.tasks:
             resolved[F.label_feature(task)] = [float(r.labels[task][p]) for p in keep]
-            if cfg["has_true_probabilities"]:
+            if cfg.metadata.has_true_probabilities:
                 resolved[F.true_prob_feature(task)] = [
                     float(r.true_probabilities[task][p]) for p in keep]
         yield (r.user_id, resolved)
@@ -349,20 +364,17 @@ class JoinUser(beam.DoFn):
         profile = [F.OOV_INDEX] * F.USER_PROFILE_DIM
         if users:
             raw = list(users[0].profile)[:F.USER_PROFILE_DIM]
-            profile = [F.profile_value_index(f"profile{k}", v, cfg["profile_buckets"])
+            profile = [F.profile_value_index(f"profile{k}", v, cfg.metadata.profile_buckets)
                        for k, v in enumerate(raw)]
             profile += [F.OOV_INDEX] * (F.USER_PROFILE_DIM - len(profile))
         user_index = user_vocab.get(user_id, F.OOV_INDEX)
         yield beam.pvalue.TaggedOutput(self.HISTORY, json.dumps(
-            [user_id, user_index, profile,
-             [[r[0], r[1], r[4], list(r[5]), list(r[3]), r[2]] for r in unique]]))
+            [user_id, user_index, profile, [r.to_json() for r in unique]]))
         table = catalog["embeddings"]
         for request in sorted(groups["requests"], key=lambda r: r[F.REQUEST_ID]):
             t = request[F.REQUEST_TIME]
-            features = pit.join_request(
-                history, t, cfg["long_term_length"], cfg["real_time_length"],
-                cfg["long_term_mode"], request[F.QUERY_EMBEDDING], table, cfg["stage1_k"],
-                cfg["stage1_threshold"])
+            features = pit.join_request(history, t, cfg.metadata, request[F.QUERY_EMBEDDING],
+                                        table)
             example = dict(request)
             example.update(features)
             example[F.USER_INDEX] = user_index
@@ -378,7 +390,7 @@ class JoinUser(beam.DoFn):
             yield _stat("examples")
             yield _stat(f"split/{split}")
             yield _stat("candidates", len(request[F.CANDIDATE_ITEM]))
-            yield (split, F.make_example(example, cfg["tasks"]).SerializeToString(
+            yield (split, F.make_example(example, cfg.metadata.tasks).SerializeToString(
                 deterministic=True))  # sorted feature map: identical bytes on every worker
 
 
@@ -404,7 +416,7 @@ def expand_core(records: Dict[str, beam.PCollection], config: Dict[str, Any], ou
     items = (records["items"]
              | "KeyItems" >> beam.Map(lambda r: (r.item_id, r))
              | "GroupItems" >> beam.GroupByKey()
-             | "ValidateItems" >> beam.ParDo(ValidateItems(config["embedding_dim"]))
+             | "ValidateItems" >> beam.ParDo(ValidateItems(config.metadata.embedding_dim))
              .with_outputs(DEAD, STATS, main="items"))
     catalog = (items.items
                | "AllItems" >> beam.combiners.ToList()
@@ -435,8 +447,8 @@ def expand_core(records: Dict[str, beam.PCollection], config: Dict[str, Any], ou
     cutoffs = (requests.requests
                | "RequestTimes" >> beam.Map(lambda kv: kv[1][F.REQUEST_TIME])
                | "AllRequestTimes" >> beam.combiners.ToList()
-               | "Cutoffs" >> beam.Map(request_timestamps_to_cutoffs, config["eval_fraction"],
-                                       config["test_fraction"]))
+               | "Cutoffs" >> beam.Map(request_timestamps_to_cutoffs, config.eval_fraction,
+                                       config.test_fraction))
     joined = ({"behaviours": behaviours.behaviours, "requests": requests.requests,
                "users": users.users | "KeyProfiles" >> beam.Map(lambda r: (r.user_id, r))}
               | "GroupByUser" >> beam.CoGroupByKey()
@@ -447,7 +459,7 @@ def expand_core(records: Dict[str, beam.PCollection], config: Dict[str, Any], ou
                   beam.pvalue.AsSingleton(cutoffs))
               .with_outputs(JoinUser.HISTORY, DEAD, STATS, main="examples"))
 
-    shards = config.get("num_shards", 0)
+    shards = config.num_shards
     for split in F.SPLITS:
         (joined.examples
          | f"Only_{split}" >> beam.Filter(lambda kv, s=split: kv[0] == s)
@@ -560,34 +572,27 @@ def finish(output: str, config: Dict[str, Any], prepared: Dict[str, Any], cutoff
     for name, ids in vocab.items():
         _write_bytes(os.path.join(output, F.VOCAB_DIR, f"{name}.txt"),
                      "".join(f"{i}\n" for i in ids).encode())
-    dim = config["embedding_dim"]
+    dim = config.metadata.embedding_dim
     table = np.zeros((len(vocab["items"]) + 1, dim), np.float32)
     for index, _, _, _, embedding in item_rows:
         table[index] = embedding
     buffer = io.BytesIO()
     np.save(buffer, table)
     _write_bytes(os.path.join(output, F.ITEM_EMBEDDINGS_FILE), buffer.getvalue())
-    metadata = F.DatasetMetadata(
-        input_format=config["input_format"], tasks=tuple(config["tasks"]), embedding_dim=dim,
-        num_items=len(vocab["items"]), num_authors=len(vocab["authors"]),
-        num_categories=len(vocab["categories"]), num_users=len(users),
-        query_token_buckets=config["query_token_buckets"],
-        profile_buckets=config["profile_buckets"], long_term_length=config["long_term_length"],
-        real_time_length=config["real_time_length"], max_candidates=config["max_candidates"],
-        long_term_mode=config["long_term_mode"],
-        engagement_names=tuple(config["engagement_names"]),
-        has_true_probabilities=config["has_true_probabilities"])
+    metadata = dataclasses.replace(
+        config.metadata, num_items=len(vocab["items"]), num_authors=len(vocab["authors"]),
+        num_categories=len(vocab["categories"]), num_users=len(users))
     metadata.save(output)
 
     raw_stats = json.loads(next(iter(_read_lines(os.path.join(work, "stats*")))))
     stats = S.summarise(raw_stats)
     stats.update({"items": metadata.num_items, "users": metadata.num_users,
                   "authors": metadata.num_authors, "categories": metadata.num_categories,
-                  "long_term_mode": config["long_term_mode"],
+                  "long_term_mode": metadata.long_term_mode,
                   "split_rule": "by request timestamp: latest test_fraction -> test, the "
                                 "preceding eval_fraction -> eval (ties share a split)",
-                  "eval_fraction": config["eval_fraction"],
-                  "test_fraction": config["test_fraction"]})
+                  "eval_fraction": config.eval_fraction,
+                  "test_fraction": config.test_fraction})
     text_tower = prepared.get("reader_kwargs", {}).get("text_tower_stats")
     if text_tower:
         stats["text_tower"] = text_tower
@@ -616,7 +621,9 @@ def _write_feature_store(output: str, metadata: F.DatasetMetadata, item_rows, pr
     for line in _read_lines(os.path.join(work, "histories*")):
         user_id, user_index, profile, rows = json.loads(line)
         store.write_users([(user_id, user_index, profile)])
-        store.write_behaviours((user_id, t, i, a, c, e, s) for t, i, a, c, e, s in rows)
+        store.write_behaviours(
+            (user_id, r.timestamp_ms, r.item, r.author, r.category, r.engagement, r.source)
+            for r in map(pit.BehaviourRow.from_json, rows))
         n_users += 1
         if n_users % 10000 == 0:
             progress(f"  feature store: {n_users} users written")
@@ -644,7 +651,6 @@ def run(argv: Optional[Sequence[str]] = None, progress=print) -> Dict[str, Any]:
         # next to the data it describes
         prepared = prepare_input(args, args.output)
         config = core_config(args, prepared)
-        config["num_shards"] = args.num_shards
         for split in F.SPLITS:  # a rerun must not mix old shards with new ones
             old = FileSystems.match([os.path.join(args.output, split, "part-*")])[0]
             if old.metadata_list:

@@ -63,8 +63,8 @@ History = Tuple[Sequence[int], ...]
 
 # Behaviour features an index can carry per row (names and widths from common.features), so a
 # stage-1 result becomes the model's long-term sequence without another store lookup.
-BEHAVIOUR_FEATURES = {F.SEQ_AUTHOR: ("int64", 1), F.SEQ_CATEGORY: ("int64", F.NUM_CATEGORY_LEVELS),
-                      F.SEQ_ENGAGEMENT: ("float32", F.ENGAGEMENT_DIM), F.SEQ_SOURCE: ("int64", 1)}
+BEHAVIOUR_FEATURES = {field: (F.SEQ_FIELD_DTYPE[field], F.SEQ_FIELD_WIDTH[field])
+                      for field in F.STORED_SEQ_FIELDS if field != F.SEQ_ITEM}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,24 @@ class Stage1Result:
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
+
+    def as_long_term(self):
+        """(UserHistory of the kept behaviours oldest first, their positions most recent first):
+        the `long_term` argument of `common.point_in_time.join_request`. Needs an index built
+        with behaviour features (Stage1Searcher.from_feature_store builds one)."""
+        from common import point_in_time as pit
+
+        missing = [name for name in BEHAVIOUR_FEATURES if name not in self.features]
+        if len(self) and missing:
+            raise ValueError(f"the index carries no behaviour features {missing}: build it with "
+                             "features (Stage1Searcher.from_feature_store does)")
+        n = len(self)
+        columns = {F.SEQ_ITEM: self.item_indices[::-1]}
+        for name, (dtype, width) in BEHAVIOUR_FEATURES.items():
+            empty = np.zeros((0,) if width == 1 else (0, width), dtype)
+            columns[name] = np.asarray(self.features.get(name, empty), dtype)[::-1]
+        history = pit.make_history(self.timestamps_ms[::-1], columns)
+        return history, np.arange(n - 1, -1, -1, dtype=np.int64)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -675,18 +693,11 @@ def behaviours_to_history(rows: Sequence[Mapping[str, Any]]) -> History:
 
 def long_term_features(result: Stage1Result, now_ms: int) -> Dict[str, np.ndarray]:
     """The model's long-term sequence (`long_*` features of common.features, most recent
-    first) made of the behaviours stage 1 kept; needs an index built with behaviour features."""
-    missing = [name for name in BEHAVIOUR_FEATURES if name not in result.features]
-    if len(result) and missing:
-        raise ValueError(f"the index carries no behaviour features {missing}: build it with "
-                         "features (Stage1Searcher.from_feature_store does)")
-    out = {F.seq_feature(F.LONG_TERM, F.SEQ_ITEM): result.item_indices.astype(np.int64),
-           F.seq_feature(F.LONG_TERM, F.SEQ_TIME_GAP):
-               ((int(now_ms) - result.timestamps_ms) / 1000.0).astype(np.float32)}
-    for name, (dtype, width) in BEHAVIOUR_FEATURES.items():
-        column = result.features.get(name, np.zeros((0,) if width == 1 else (0, width)))
-        out[F.seq_feature(F.LONG_TERM, name)] = np.asarray(column, dtype)
-    return out
+    first) made of the behaviours stage 1 kept, built by common.point_in_time."""
+    from common import point_in_time as pit
+
+    history, positions = result.as_long_term()
+    return pit.sequence_features(history, positions, F.LONG_TERM, now_ms)
 
 
 def _validate_features(features: Optional[Mapping[str, Sequence]], n: int

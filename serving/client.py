@@ -35,6 +35,7 @@ import common  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import numpy as np
 
 from common import features as F
+from common import point_in_time as pit
 from serving import signatures as S
 
 DEFAULT_TOP_K = 10
@@ -147,14 +148,10 @@ def build_request(store: FeatureStoreView, user_id: str, query: str, candidates:
         notes.append(f"unknown user {user_id!r}: ranked with an empty history and an unknown "
                      "profile")
         user = {"user_index": F.OOV_INDEX, "user_profile": [F.OOV_INDEX] * F.USER_PROFILE_DIM}
-    limit = max(metadata.long_term_length, metadata.real_time_length)
-    history = store.behaviours(user_id, now_ms, limit) if user_id else []
-    late = [b for b in history if int(b["timestamp_ms"]) >= now_ms]
-    if late:
-        raise RuntimeError(f"the feature store returned {len(late)} behaviours at or after "
-                           f"now={now_ms}; they would leak the future into the ranking")
-    if user is not None and not history and not notes:
+    sequences, long_history, seq_notes = user_sequences(store, user_id, q_emb, now_ms, metadata)
+    if user_id and not len(sequences[F.seq_feature(F.REAL_TIME, F.SEQ_ITEM)]) and not notes:
         notes.append(f"user {user_id!r} has no behaviour before now: empty history")
+    notes += seq_notes
     retrieved = retrieve(store, q_emb, candidates)
     request: Dict[str, Any] = {
         F.QUERY_TOKENS: list(tokens)[:F.MAX_QUERY_TOKENS], F.QUERY_EMBEDDING: q_emb,
@@ -162,33 +159,49 @@ def build_request(store: FeatureStoreView, user_id: str, query: str, candidates:
         F.CANDIDATE_ITEM: retrieved["item_index"], F.CANDIDATE_AUTHOR: retrieved["author_index"],
         F.CANDIDATE_CATEGORY: retrieved["category"],
     }
-    for seq, length in ((F.LONG_TERM, metadata.long_term_length),
-                        (F.REAL_TIME, metadata.real_time_length)):
-        rows = history[:length]
-        request[F.seq_feature(seq, F.SEQ_ITEM)] = [int(b["item_index"]) for b in rows]
-        request[F.seq_feature(seq, F.SEQ_AUTHOR)] = [int(b["author_index"]) for b in rows]
-        request[F.seq_feature(seq, F.SEQ_CATEGORY)] = np.asarray(
-            [list(b["category"]) for b in rows], np.int64).reshape(-1, F.NUM_CATEGORY_LEVELS)
-        request[F.seq_feature(seq, F.SEQ_ENGAGEMENT)] = np.asarray(
-            [list(b["engagement"]) for b in rows], np.float32).reshape(-1, F.ENGAGEMENT_DIM)
-        request[F.seq_feature(seq, F.SEQ_SOURCE)] = [int(b["source"]) for b in rows]
-        request[F.seq_feature(seq, F.SEQ_TIME_GAP)] = [
-            (now_ms - int(b["timestamp_ms"])) / 1000.0 for b in rows]
-    long_history = history[:metadata.long_term_length]
-    if metadata.long_term_mode == "stage1":
-        # The model was trained on RSU stage 1 computed over the whole history (preprocessing,
-        # exact cosine); serve the same selection from the per-user behaviour index.
-        from serving.behaviour_index import long_term_features
+    request.update(sequences)
+    return metadata, request, retrieved, long_history, notes, now_ms
 
-        selected = _stage1_searcher(store).top_k(user_id, q_emb, metadata.long_term_length,
-                                                 before_ms=now_ms)
-        request.update(long_term_features(selected, now_ms))
+
+def user_sequences(store: FeatureStoreView, user_id: str, query_embedding: np.ndarray,
+                   now_ms: int, metadata: F.DatasetMetadata):
+    """The long-term and real-time sequences of a live request, with the training rule.
+
+    Built by `common.point_in_time.join_request`, the function preprocessing uses for every
+    training example, with the settings recorded in the dataset metadata (lengths, long-term
+    mode, stage-1 K and threshold). Returns (the `long_*` / `rt_*` features, the long-term
+    behaviours as dicts with item_id and timestamp_ms in sequence order, notes).
+    """
+    notes: List[str] = []
+    stage1 = metadata.long_term_mode == "stage1"
+    # Recent mode needs the last max(L, R) behaviours; stage 1 searches the whole history in
+    # the behaviour index and needs only the real-time ones from the store.
+    limit = metadata.real_time_length if stage1 else max(metadata.long_term_length,
+                                                          metadata.real_time_length)
+    rows = store.behaviours(user_id, now_ms, limit) if user_id else []
+    late = [b for b in rows if int(b["timestamp_ms"]) >= now_ms]
+    if late:
+        raise RuntimeError(f"the feature store returned {len(late)} behaviours at or after "
+                           f"now={now_ms}; they would leak the future into the ranking")
+    history = pit.history_from_behaviours(rows)
+    long_term = None
+    long_history = list(rows[:metadata.long_term_length])
+    if stage1:
+        # Training ran RSU stage 1 over the whole history (preprocessing, exact cosine, with the
+        # recorded K1 and threshold); serve the same selection from the behaviour index.
+        selected = _stage1_searcher(store).top_k(user_id, query_embedding, metadata.stage1_k,
+                                                 before_ms=now_ms,
+                                                 threshold=metadata.stage1_threshold)
+        long_term = selected.as_long_term()
         raw_ids = (store.items(selected.item_indices)["item_id"] if len(selected) else [])
         long_history = [{"item_id": i, "timestamp_ms": int(t)}
                         for i, t in zip(raw_ids, selected.timestamps_ms)]
-        notes.append(f"long-term sequence: stage 1 ({selected.backend}) kept {len(selected)} of "
-                     f"{selected.history_length} behaviours")
-    return metadata, request, retrieved, long_history, notes, now_ms
+        threshold = ("" if metadata.stage1_threshold is None
+                     else f", cosine >= {metadata.stage1_threshold}")
+        notes.append(f"long-term sequence: stage 1 ({selected.backend}{threshold}) kept "
+                     f"{len(selected)} of {selected.history_length} behaviours")
+    features = pit.join_request(history, now_ms, metadata, query_embedding, long_term=long_term)
+    return features, long_history, notes
 
 
 _SEARCHERS: Dict[int, Any] = {}

@@ -34,28 +34,27 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from common import features as F
+from common import tf_serving_protocol as P
 
 # ---- names shared with the server and the client ------------------------------------------
-SERVING_DEFAULT = "serving_default"
+# TF Serving's own constants live in common.tf_serving_protocol, the model's output keys in
+# common.features; the names below are this model's signatures.
+SERVING_DEFAULT = P.DEFAULT_SIGNATURE
 RANK_LISTWISE = "rank_listwise"
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
+PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD = (
+    P.PREDICT_METHOD, P.CLASSIFY_METHOD, P.REGRESS_METHOD)
 
-INPUTS = "inputs"  # the serialized-Example input of every example signature
-CLASSIFY_SCORES = "scores"
-CLASSIFY_CLASSES = "classes"
-REGRESS_OUTPUTS = "outputs"
+INPUTS = P.EXAMPLE_INPUTS  # the serialized-Example input of every example signature
+CLASSIFY_SCORES, CLASSIFY_CLASSES, REGRESS_OUTPUTS = (
+    P.CLASSIFY_SCORES, P.CLASSIFY_CLASSES, P.REGRESS_OUTPUTS)
 CLASS_LABELS = (b"0", b"1")  # classify: index 1 is the positive class (the task happened)
 
-SCORE = "score"  # fused ranking score, output of the model and of every signature
-RSU_SELECTED_INDEX = "rsu_selected_index"
-RSU_SELECTED_WEIGHT = "rsu_selected_weight"
-RSU_OUTPUTS = (RSU_SELECTED_INDEX, RSU_SELECTED_WEIGHT)
+SCORE = F.SCORE  # fused ranking score, output of the model and of every signature
+RSU_SELECTED_INDEX, RSU_SELECTED_WEIGHT, RSU_OUTPUTS = (
+    F.RSU_SELECTED_INDEX, F.RSU_SELECTED_WEIGHT, F.RSU_OUTPUTS)
 
-SERVE_TAG = "serve"
-SAVED_MODEL_FILE = "saved_model.pb"
-FINGERPRINT_FILE = "fingerprint.pb"
+SERVE_TAG, SAVED_MODEL_FILE, FINGERPRINT_FILE = (
+    P.SERVE_TAG, P.SAVED_MODEL_FILE, P.FINGERPRINT_FILE)
 
 
 def classify_signature(task: str) -> str:
@@ -98,45 +97,22 @@ def predict_output_keys(tasks: Sequence[str], listwise: bool) -> List[str]:
 
 
 # ---- listwise inputs ------------------------------------------------------------------------
-REQUEST_INPUTS = (F.QUERY_EMBEDDING, F.QUERY_TOKENS, F.QUERY_LENGTH, F.USER_INDEX, F.USER_PROFILE)
-CANDIDATE_INPUTS = (F.NUM_CANDIDATES,) + F.CANDIDATE_FEATURES
-
-
-def sequence_inputs() -> List[str]:
-    return [F.seq_feature(s, f) for s in F.SEQUENCES for f in (F.SEQ_LENGTH,) + F.SEQ_FIELDS]
-
-
-def listwise_input_names() -> List[str]:
-    return list(REQUEST_INPUTS) + sequence_inputs() + list(CANDIDATE_INPUTS)
+def listwise_input_names(metadata: Optional[F.DatasetMetadata] = None) -> List[str]:
+    """Inputs of rank_listwise: every model input of common.features' table."""
+    return F.model_input_names(metadata or F.DatasetMetadata())
 
 
 def listwise_input_shapes(metadata: F.DatasetMetadata) -> Dict[str, Tuple[str, List[Optional[int]]]]:
     """(dtype, shape) of every rank_listwise input; None = any size.
 
     B requests (dimension 0), N candidates per request, L behaviours per sequence (at most the
-    dataset's long_term_length / real_time_length are used; longer inputs are truncated, the
-    sequences being most recent first), T query tokens (at most MAX_QUERY_TOKENS used).
-    Every list carries an explicit length (`query_length`, `long_length`, `rt_length`,
-    `num_candidates`): padding values are never read as data.
+    dataset's `sequence_length` are used; longer inputs are truncated, the sequences being most
+    recent first), T query tokens (at most MAX_QUERY_TOKENS used). Every list carries an
+    explicit length (`query_length`, `long_length`, `rt_length`, `num_candidates`): padding
+    values are never read as data. Derived from `common.features.dense_layout`.
     """
-    shapes: Dict[str, Tuple[str, List[Optional[int]]]] = {
-        F.QUERY_EMBEDDING: ("float32", [None, metadata.embedding_dim]),
-        F.QUERY_TOKENS: ("int64", [None, None]),
-        F.QUERY_LENGTH: ("int64", [None]),
-        F.USER_INDEX: ("int64", [None]),
-        F.USER_PROFILE: ("int64", [None, F.USER_PROFILE_DIM]),
-        F.NUM_CANDIDATES: ("int64", [None]),
-        F.CANDIDATE_ITEM: ("int64", [None, None]),
-        F.CANDIDATE_AUTHOR: ("int64", [None, None]),
-        F.CANDIDATE_CATEGORY: ("int64", [None, None, F.NUM_CATEGORY_LEVELS]),
-    }
-    for seq in F.SEQUENCES:
-        shapes[F.seq_feature(seq, F.SEQ_LENGTH)] = ("int64", [None])
-        for field in F.SEQ_FIELDS:
-            width = F.SEQ_FIELD_WIDTH[field]
-            shape = [None, None] + ([width] if width > 1 else [])
-            shapes[F.seq_feature(seq, field)] = (F.SEQ_FIELD_DTYPE[field], shape)
-    return shapes
+    layout = F.dense_layout(metadata, fixed_lengths=False, model_inputs_only=True)
+    return {name: (dense.dtype, list(dense.shape)) for name, dense in layout.items()}
 
 
 def listwise_input_specs(metadata: F.DatasetMetadata) -> Dict[str, Any]:
@@ -145,6 +121,12 @@ def listwise_input_specs(metadata: F.DatasetMetadata) -> Dict[str, Any]:
 
     return {name: tf.TensorSpec(shape, tf.as_dtype(dtype), name=name)
             for name, (dtype, shape) in listwise_input_shapes(metadata).items()}
+
+
+def _count_name(spec: F.FeatureSpec) -> Optional[str]:
+    if spec.level == F.CANDIDATE_LEVEL:
+        return F.NUM_CANDIDATES
+    return spec.counted_by
 
 
 def listwise_inputs(requests: Sequence[Mapping[str, Any]],
@@ -161,76 +143,77 @@ def listwise_inputs(requests: Sequence[Mapping[str, Any]],
     """
     if not requests:
         raise ValueError("listwise_inputs needs at least one request")
-    shapes = listwise_input_shapes(metadata)
+    specs = {s.name: s for s in F.feature_specs(metadata, with_labels=False) if s.model_input}
     batch = len(requests)
-    max_len = {F.LONG_TERM: metadata.long_term_length, F.REAL_TIME: metadata.real_time_length}
 
     def flat(request, name, default=()):
         return np.asarray(request.get(name, default)).reshape(-1)
 
-    n_cands = [flat(r, F.CANDIDATE_ITEM).size for r in requests]
-    n_tokens = [min(flat(r, F.QUERY_TOKENS).size, F.MAX_QUERY_TOKENS) for r in requests]
-    seq_lens = {s: [min(flat(r, F.seq_feature(s, F.SEQ_ITEM)).size, max_len[s])
-                    for r in requests] for s in F.SEQUENCES}
-    out: Dict[str, np.ndarray] = {}
-    n_max, t_max = max(n_cands), max(max(n_tokens), 1)
-    out[F.QUERY_EMBEDDING] = np.zeros([batch, metadata.embedding_dim], np.float32)
-    out[F.QUERY_TOKENS] = np.zeros([batch, t_max], np.int64)
-    out[F.QUERY_LENGTH] = np.asarray(n_tokens, np.int64)
-    out[F.USER_INDEX] = np.zeros([batch], np.int64)
-    out[F.USER_PROFILE] = np.zeros([batch, F.USER_PROFILE_DIM], np.int64)
-    out[F.NUM_CANDIDATES] = np.asarray(n_cands, np.int64)
-    for name in F.CANDIDATE_FEATURES:
-        _, shape = shapes[name]
-        out[name] = np.zeros([batch, n_max] + shape[2:], np.int64)
+    # Counts first: the number of rows of every counted list, per request (cut to the maximum).
+    counts: Dict[str, List[int]] = {F.NUM_CANDIDATES: [flat(r, F.CANDIDATE_ITEM).size
+                                                       for r in requests]}
+    for spec in specs.values():
+        if spec.counted_by == F.QUERY_LENGTH:
+            counts[F.QUERY_LENGTH] = [min(flat(r, spec.name).size, int(spec.width))
+                                      for r in requests]
     for seq in F.SEQUENCES:
-        out[F.seq_feature(seq, F.SEQ_LENGTH)] = np.asarray(seq_lens[seq], np.int64)
-        width = max(max(seq_lens[seq]), 1)
-        for field in F.SEQ_FIELDS:
-            dtype, shape = shapes[F.seq_feature(seq, field)]
-            out[F.seq_feature(seq, field)] = np.zeros([batch, width] + shape[2:], dtype)
+        counts[F.seq_feature(seq, F.SEQ_LENGTH)] = [
+            min(flat(r, F.seq_feature(seq, F.SEQ_ITEM)).size, metadata.sequence_length(seq))
+            for r in requests]
+
+    out: Dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        if name in counts:
+            out[name] = np.asarray(counts[name], np.int64)
+            continue
+        width = spec.resolved_width(metadata)
+        count = _count_name(spec)
+        if spec.scalar:
+            out[name] = np.zeros([batch], spec.numpy_dtype)
+        elif count is None:  # fixed-width request vector
+            out[name] = np.zeros([batch, width], spec.numpy_dtype)
+        elif spec.level == F.REQUEST_LEVEL:  # a counted request list (query tokens)
+            out[name] = np.zeros([batch, max(max(counts[count]), 1)], spec.numpy_dtype)
+        else:  # candidates and sequences: rows of `width` values
+            rows = max(max(counts[count]), 0 if count == F.NUM_CANDIDATES else 1)
+            out[name] = np.zeros([batch, rows] + ([width] if width > 1 else []),
+                                 spec.numpy_dtype)
 
     for b, r in enumerate(requests):
-        emb = flat(r, F.QUERY_EMBEDDING)
-        if emb.size != metadata.embedding_dim:
-            raise ValueError(f"request {b}: {F.QUERY_EMBEDDING} has {emb.size} values, "
-                             f"expected {metadata.embedding_dim}")
-        out[F.QUERY_EMBEDDING][b] = emb
-        out[F.QUERY_TOKENS][b, :n_tokens[b]] = flat(r, F.QUERY_TOKENS)[:n_tokens[b]]
-        out[F.USER_INDEX][b] = int(np.asarray(r.get(F.USER_INDEX, F.OOV_INDEX)).reshape(-1)[0])
-        profile = flat(r, F.USER_PROFILE, [F.OOV_INDEX] * F.USER_PROFILE_DIM)
-        if profile.size != F.USER_PROFILE_DIM:
-            raise ValueError(f"request {b}: {F.USER_PROFILE} has {profile.size} values, "
-                             f"expected {F.USER_PROFILE_DIM}")
-        out[F.USER_PROFILE][b] = profile
-        n = n_cands[b]
-        for name in F.CANDIDATE_FEATURES:
-            values = flat(r, name)
-            per_row = int(np.prod(out[name].shape[2:], dtype=np.int64))
-            if values.size != n * per_row:
-                raise ValueError(f"request {b}: {name} has {values.size} values, "
-                                 f"expected {n * per_row} ({n} candidates)")
-            out[name][b, :n] = values.reshape((n,) + out[name].shape[2:])
-        for seq in F.SEQUENCES:
-            full = flat(r, F.seq_feature(seq, F.SEQ_ITEM)).size
-            length = seq_lens[seq][b]
-            for field in F.SEQ_FIELDS:
-                name = F.seq_feature(seq, field)
+        for name, spec in specs.items():
+            if name in counts:
+                continue
+            width = spec.resolved_width(metadata)
+            count = _count_name(spec)
+            if spec.scalar:
+                out[name][b] = np.asarray(r.get(name, spec.default)).reshape(-1)[0]
+            elif count is None:
+                values = flat(r, name, [spec.default] * width)
+                if values.size != width:
+                    raise ValueError(f"request {b}: {name} has {values.size} values, "
+                                     f"expected {width}")
+                out[name][b] = values
+            elif spec.level == F.REQUEST_LEVEL:
+                n = counts[count][b]
+                out[name][b, :n] = flat(r, name)[:n]
+            else:
+                full = (flat(r, F.CANDIDATE_ITEM).size if count == F.NUM_CANDIDATES
+                        else flat(r, F.seq_feature(spec.sequence, F.SEQ_ITEM)).size)
                 values = flat(r, name)
-                width = F.SEQ_FIELD_WIDTH[field]
                 if values.size != full * width:
+                    what = "candidates" if count == F.NUM_CANDIDATES else "behaviours"
                     raise ValueError(f"request {b}: {name} has {values.size} values, expected "
-                                     f"{full * width} ({full} behaviours)")
-                rows = values.reshape((full,) + out[name].shape[2:])[:length]
-                out[name][b, :length] = rows
+                                     f"{full * width} ({full} {what})")
+                n = counts[count][b]
+                out[name][b, :n] = values.reshape((full,) + out[name].shape[2:])[:n]
     return out
 
 
 def request_from_example(example) -> Dict[str, Any]:
     """The make_example-style mapping of a request tf.train.Example (or its serialized bytes).
 
-    Inverse of `common.features.make_example` for the features the model reads; feeds
-    `listwise_inputs` with requests read from TFRecords (warmup, tests, replay tools).
+    Inverse of `common.features.make_example` for the features of the table (labels aside);
+    feeds `listwise_inputs` with requests read from TFRecords (warmup, tests, replay tools).
     """
     from tensorflow.core.example import example_pb2
 
@@ -246,26 +229,30 @@ def request_from_example(example) -> Dict[str, Any]:
         return list(getattr(f, kind).value) if kind else []
 
     r: Dict[str, Any] = {}
-    for name in (F.REQUEST_ID, F.USER_ID):
-        v = values(name)
-        r[name] = v[0].decode() if v else ""
-    for name in (F.USER_INDEX, F.REQUEST_TIME):
-        v = values(name)
-        r[name] = int(v[0]) if v else 0
-    r[F.QUERY_TOKENS] = np.asarray(values(F.QUERY_TOKENS), np.int64)
-    r[F.QUERY_EMBEDDING] = np.asarray(values(F.QUERY_EMBEDDING), np.float32)
-    r[F.USER_PROFILE] = np.asarray(values(F.USER_PROFILE) or [F.OOV_INDEX] * F.USER_PROFILE_DIM,
-                                   np.int64)
-    for name in F.CANDIDATE_FEATURES:
-        r[name] = np.asarray(values(name), np.int64)
-    r[F.CANDIDATE_CATEGORY] = r[F.CANDIDATE_CATEGORY].reshape(-1, F.NUM_CATEGORY_LEVELS)
-    for seq in F.SEQUENCES:
-        for field in F.SEQ_FIELDS:
-            name = F.seq_feature(seq, field)
-            arr = np.asarray(values(name), F.SEQ_FIELD_DTYPE[field])
-            width = F.SEQ_FIELD_WIDTH[field]
-            r[name] = arr.reshape(-1, width) if width > 1 else arr
+    for spec in F.feature_specs(F.DatasetMetadata(), with_labels=False):
+        v = values(spec.name)
+        if spec.name == F.NUM_CANDIDATES or spec.name in _DERIVED_COUNTS:
+            continue  # counts are derived from the lists again
+        if spec.scalar:
+            if spec.dtype == "string":
+                r[spec.name] = v[0].decode() if v else spec.default
+            else:
+                r[spec.name] = int(v[0]) if v else spec.default
+            continue
+        width = spec.width if spec.width != F.EMBEDDING_WIDTH else 1
+        if not v and spec.level == F.REQUEST_LEVEL and not spec.counted_by \
+                and spec.width != F.EMBEDDING_WIDTH:
+            v = [spec.default] * int(width)
+        arr = np.asarray(v, spec.numpy_dtype)
+        if spec.level != F.REQUEST_LEVEL and int(width) > 1:
+            arr = arr.reshape(-1, int(width))
+        r[spec.name] = arr
     return r
+
+
+# Counts that make_example derives from their lists (never read back as data).
+_DERIVED_COUNTS = frozenset([F.QUERY_LENGTH] + [F.seq_feature(s, F.SEQ_LENGTH)
+                                                for s in F.SEQUENCES])
 
 
 # ---- per-candidate examples (serving_default, Classify, Regress, ExampleListWithContext) ----
@@ -336,58 +323,50 @@ def _pad_or_cut(x, size: int):
 def _model_features(inputs: Mapping[str, Any], metadata: F.DatasetMetadata) -> Dict[str, Any]:
     """Listwise inputs -> the exact dense dict `parse_examples` gives the model.
 
-    Validates what a dense caller can get wrong: lengths larger than the data they describe,
-    NaN/Inf floats, candidate lists of different widths. Failures are InvalidArgument errors.
+    Validates what a dense caller can get wrong: counts larger than the lists they describe,
+    NaN/Inf floats, fields of one list with different [B, N] or [B, L]. Failures are
+    InvalidArgument errors. Every check is derived from the feature table.
     """
     import tensorflow as tf
 
     checks = []
     feats: Dict[str, Any] = {}
     batch = tf.shape(inputs[F.QUERY_EMBEDDING])[0]
-    feats[F.QUERY_EMBEDDING] = tf.debugging.check_numerics(
-        inputs[F.QUERY_EMBEDDING], f"{F.QUERY_EMBEDDING} has NaN or Inf")
-    tokens = inputs[F.QUERY_TOKENS]
-    checks.append(tf.debugging.assert_less_equal(
-        inputs[F.QUERY_LENGTH], tf.cast(tf.shape(tokens)[1], tf.int64),
-        message=f"{F.QUERY_LENGTH} exceeds the width of {F.QUERY_TOKENS}"))
-    feats[F.QUERY_TOKENS] = _pad_or_cut(tokens, F.MAX_QUERY_TOKENS)
-    feats[F.QUERY_LENGTH] = tf.minimum(inputs[F.QUERY_LENGTH], F.MAX_QUERY_TOKENS)
-    feats[F.USER_INDEX] = inputs[F.USER_INDEX]
-    feats[F.USER_PROFILE] = inputs[F.USER_PROFILE]
-    n = tf.shape(inputs[F.CANDIDATE_ITEM])[1]
-    checks.append(tf.debugging.assert_less_equal(
-        inputs[F.NUM_CANDIDATES], tf.cast(n, tf.int64),
-        message=f"{F.NUM_CANDIDATES} exceeds the width of {F.CANDIDATE_ITEM}"))
-    for name in (F.CANDIDATE_AUTHOR, F.CANDIDATE_CATEGORY):
-        checks.append(tf.debugging.assert_equal(
-            tf.shape(inputs[name])[:2], tf.shape(inputs[F.CANDIDATE_ITEM]),
-            message=f"{name} and {F.CANDIDATE_ITEM} have different [B, N]"))
-    feats[F.NUM_CANDIDATES] = inputs[F.NUM_CANDIDATES]
-    for name in F.CANDIDATE_FEATURES:
-        feats[name] = inputs[name]
-    for seq, max_len in ((F.LONG_TERM, metadata.long_term_length),
-                         (F.REAL_TIME, metadata.real_time_length)):
-        length = inputs[F.seq_feature(seq, F.SEQ_LENGTH)]
-        item = inputs[F.seq_feature(seq, F.SEQ_ITEM)]
-        checks.append(tf.debugging.assert_less_equal(
-            length, tf.cast(tf.shape(item)[1], tf.int64),
-            message=f"{F.seq_feature(seq, F.SEQ_LENGTH)} exceeds the width of "
-                    f"{F.seq_feature(seq, F.SEQ_ITEM)}"))
-        feats[F.seq_feature(seq, F.SEQ_LENGTH)] = tf.minimum(length, max_len)
-        for field in F.SEQ_FIELDS:
-            name = F.seq_feature(seq, field)
-            value = inputs[name]
-            if field != F.SEQ_ITEM:
-                checks.append(tf.debugging.assert_equal(
-                    tf.shape(value)[:2], tf.shape(item),
-                    message=f"{name} and {F.seq_feature(seq, F.SEQ_ITEM)} have different [B, L]"))
-            if value.dtype == tf.float32:
-                value = tf.debugging.check_numerics(value, f"{name} has NaN or Inf")
-            feats[name] = _pad_or_cut(value, max_len)
+    layout = F.dense_layout(metadata)
+    specs = [s for s in F.feature_specs(metadata, with_labels=False) if s.model_input]
+    # the list whose width a count is checked against: the first field counted by it
+    first_of = {}
+    for spec in specs:
+        count = _count_name(spec)
+        if count is not None:
+            first_of.setdefault(count, spec.name)
+    for spec in specs:
+        value = inputs[spec.name]
+        count = _count_name(spec)
+        if spec.name in first_of:  # a count: it cannot exceed the width of its list
+            listed = inputs[first_of[spec.name]]
+            checks.append(tf.debugging.assert_less_equal(
+                value, tf.cast(tf.shape(listed)[1], tf.int64),
+                message=f"{spec.name} exceeds the width of {first_of[spec.name]}"))
+            limit = layout[first_of[spec.name]].shape[1]  # None: any number of candidates
+            feats[spec.name] = value if limit is None else tf.minimum(value, limit)
+            continue
+        if count is not None and first_of[count] != spec.name \
+                and spec.level != F.REQUEST_LEVEL:
+            checks.append(tf.debugging.assert_equal(
+                tf.shape(value)[:2], tf.shape(inputs[first_of[count]])[:2],
+                message=f"{spec.name} and {first_of[count]} have different "
+                        f"{'[B, N]' if count == F.NUM_CANDIDATES else '[B, L]'}"))
+        if spec.dtype == "float32":
+            value = tf.debugging.check_numerics(value, f"{spec.name} has NaN or Inf")
+        if spec.level == F.SEQUENCE_LEVEL or spec.counted_by == F.QUERY_LENGTH:
+            value = _pad_or_cut(value, layout[spec.name].shape[1])
+        feats[spec.name] = value
     # Grouping-only features: present so the dict matches parse_examples exactly.
-    feats[F.REQUEST_ID] = tf.fill([batch], "")
-    feats[F.USER_ID] = tf.fill([batch], "")
-    feats[F.REQUEST_TIME] = tf.zeros([batch], tf.int64)
+    for spec in F.REQUEST_SPECS:
+        if not spec.model_input:
+            feats[spec.name] = (tf.fill([batch], spec.default) if spec.dtype == "string"
+                                else tf.zeros([batch], tf.as_dtype(spec.dtype)))
     with tf.control_dependencies(checks):
         return {k: tf.identity(v) for k, v in feats.items()}
 

@@ -22,11 +22,11 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 
 from common import features as F
+from common import tf_serving_protocol as P
 from serving import signatures as S
 
-WARMUP_DIR = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
-MAX_WARMUP_RECORDS = 1000  # TF Serving ignores records beyond this
+WARMUP_DIR, WARMUP_FILE = P.WARMUP_DIR, P.WARMUP_FILE
+MAX_WARMUP_RECORDS = P.MAX_WARMUP_RECORDS  # TF Serving ignores records beyond this
 RECORDS_PER_REQUEST = 5
 
 

@@ -54,8 +54,8 @@ def check_outputs(out, batch, cfg, tasks):
         p = out[task]
         assert p.shape == (b, n) and p.dtype == np.float32
         assert np.all(np.isfinite(p)) and np.all((p > 0) & (p < 1))
-    assert out[M.SCORE].shape == (b, n) and np.all(np.isfinite(out[M.SCORE]))
-    index, weight = out[M.SELECTED_INDEX], out[M.SELECTED_WEIGHT]
+    assert out[F.SCORE].shape == (b, n) and np.all(np.isfinite(out[F.SCORE]))
+    index, weight = out[F.RSU_SELECTED_INDEX], out[F.RSU_SELECTED_WEIGHT]
     assert index.shape == (b, n, cfg.k2) and index.dtype == np.int32
     assert weight.shape == (b, n, cfg.k2) and np.all(np.isfinite(weight))
     long_length = batch[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)].numpy()
@@ -93,8 +93,8 @@ def test_preset_trains_and_has_documented_outputs(data, name):
     out = numpy_outputs(model(data["batch"]))
     check_outputs(out, data["batch"], cfg, data["metadata"].tasks)
     if cfg.model_type == "qin" and cfg.use_stage2:  # K2 attended behaviours, all reported
-        has = (out[M.SELECTED_INDEX] >= 0).any(-1)
-        np.testing.assert_allclose(out[M.SELECTED_WEIGHT].sum(-1)[has], 1.0, rtol=1e-5)
+        has = (out[F.RSU_SELECTED_INDEX] >= 0).any(-1)
+        np.testing.assert_allclose(out[F.RSU_SELECTED_WEIGHT].sum(-1)[has], 1.0, rtol=1e-5)
 
 
 def single_candidate(batch, b, n):
@@ -120,10 +120,10 @@ def test_candidates_are_scored_independently(data, name):
     for b in range(3):
         for n in range(counts[b]):
             one = numpy_outputs(model(single_candidate(batch, b, n)))
-            for key in list(data["metadata"].tasks) + [M.SCORE, M.SELECTED_WEIGHT]:
+            for key in list(data["metadata"].tasks) + [F.SCORE, F.RSU_SELECTED_WEIGHT]:
                 np.testing.assert_allclose(one[key][0, 0], full[key][b, n], rtol=1e-4,
                                            atol=1e-5, err_msg=key)
-            assert np.array_equal(one[M.SELECTED_INDEX][0, 0], full[M.SELECTED_INDEX][b, n])
+            assert np.array_equal(one[F.RSU_SELECTED_INDEX][0, 0], full[F.RSU_SELECTED_INDEX][b, n])
             checked += 1
     assert checked >= 6
 
@@ -187,10 +187,10 @@ def test_score_formulas(data):
     batch = data["batch"]
     out = numpy_outputs(build(data, small("dnn"))(batch))
     expected = out["click"] * out["long_view"] ** 0.5 * out["like"] ** 0.5
-    np.testing.assert_allclose(out[M.SCORE], expected, rtol=1e-4)
+    np.testing.assert_allclose(out[F.SCORE], expected, rtol=1e-4)
     cfg = small("dnn", score_formula="sum", score_weights={"click": 2.0, "like": 1.0})
     out = numpy_outputs(build(data, cfg)(batch))
-    np.testing.assert_allclose(out[M.SCORE], 2 * out["click"] + out["like"], rtol=1e-5)
+    np.testing.assert_allclose(out[F.SCORE], 2 * out["click"] + out["like"], rtol=1e-5)
 
 
 def test_config_round_trip_override_and_errors(tmp_path):
@@ -309,7 +309,7 @@ def test_mixed_precision_outputs_float32_and_finite_gradients(data, name):
         tf.keras.mixed_precision.set_global_policy("float32")
     assert model.embeddings.content_table.dtype == tf.float32
     assert all(out[t].dtype == tf.float32 for t in data["metadata"].tasks)
-    assert out[M.SELECTED_INDEX].dtype == tf.int32 and out[M.SCORE].dtype == tf.float32
+    assert out[F.RSU_SELECTED_INDEX].dtype == tf.int32 and out[F.SCORE].dtype == tf.float32
     assert np.isfinite(float(loss))
     assert all(g is not None and np.all(np.isfinite(tf.convert_to_tensor(g).numpy()))
                for g in gradients)
@@ -323,15 +323,15 @@ def test_stage1_input_mode_and_empty_selection(data):
     tf.keras.utils.set_random_seed(0)
     model = M.build_model(small("qin"), metadata, data["embeddings"])
     out = numpy_outputs(model(batch))
-    index = out[M.SELECTED_INDEX]
+    index = out[F.RSU_SELECTED_INDEX]
     long_length = batch[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)].numpy()
     assert np.all(index < 12) and (index >= 0).any()  # only the first K1 = 12 positions
     assert np.all(index < long_length[:, None, None])
     # A threshold no behaviour can pass: nothing selected, outputs still finite.
     model = build(data, small("qin", relevance_threshold=1.0))
     out = numpy_outputs(model(batch))
-    assert np.all(out[M.SELECTED_INDEX] == -1) and np.all(out[M.SELECTED_WEIGHT] == 0)
-    assert all(np.all(np.isfinite(out[t])) for t in list(data["metadata"].tasks) + [M.SCORE])
+    assert np.all(out[F.RSU_SELECTED_INDEX] == -1) and np.all(out[F.RSU_SELECTED_WEIGHT] == 0)
+    assert all(np.all(np.isfinite(out[t])) for t in list(data["metadata"].tasks) + [F.SCORE])
 
 
 def test_missing_features_and_out_of_vocabulary_ids(data):
@@ -345,3 +345,26 @@ def test_missing_features_and_out_of_vocabulary_ids(data):
     a, b = numpy_outputs(model(unknown)), numpy_outputs(model(beyond))
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=key)
+
+
+def test_k1_and_threshold_come_from_stage1_data_and_contradictions_are_refused():
+    """Stage-1 data fixes K1 and eps (metadata.json); recent data leaves K1 to the config."""
+    stage1 = F.DatasetMetadata(long_term_length=40, long_term_mode="stage1",
+                               stage1_threshold=0.3)
+    resolved = C.preset("qin").resolved_for(stage1)
+    assert (resolved.k1, resolved.relevance_threshold) == (40, 0.3)
+    same = C.preset("qin").override('{"k1": 40, "relevance_threshold": 0.3}')
+    assert same.resolved_for(stage1).k1 == 40
+    with pytest.raises(ValueError, match="k1=8.*stage1_k=40.*--stage1-k 8"):
+        C.preset("qin").override('{"k1": 8, "k2": 4}').resolved_for(stage1)
+    with pytest.raises(ValueError, match="relevance_threshold=0.5.*stage1_threshold=0.3"):
+        C.preset("qin").override('{"relevance_threshold": 0.5}').resolved_for(stage1)
+    recent = F.DatasetMetadata(long_term_length=40)
+    assert C.preset("qin").resolved_for(recent).k1 == F.DEFAULT_STAGE1_K
+    assert C.preset("qin").override('{"k1": 8, "k2": 4}').resolved_for(recent).k1 == 8
+    with pytest.raises(ValueError, match="k2=20 exceeds k1=8"):
+        C.preset("qin").override('{"k1": 8}')
+    # the model builds its RSU with the data's K1, whatever the preset says
+    model = M.build_model(C.preset("qin"), stage1, np.zeros((1, stage1.embedding_dim),
+                                                            np.float32))
+    assert model.rsu.k1 == 40 and model.rsu.threshold == 0.3 and model.rsu.precomputed_stage1

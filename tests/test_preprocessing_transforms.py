@@ -11,7 +11,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from common import features as F
 from common.relevance import stage1_top_k
-from preprocessing import canonical, pipeline as P, point_in_time as pit, stats as S
+from common import point_in_time as pit
+from preprocessing import canonical, pipeline as P, stats as S
 from preprocessing.records import BehaviourRecord, DeadLetter, ItemRecord, RequestRecord
 
 RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -29,14 +30,19 @@ def _items():
 
 
 def _config(**overrides):
-    cfg = {"input_format": "canonical", "embedding_dim": DIM, "tasks": ("click",),
-           "engagement_names": F.ENGAGEMENT_NAMES["canonical"], "has_true_probabilities": False,
-           "long_term_length": 3, "real_time_length": 2, "max_candidates": 2,
-           "long_term_mode": "recent", "stage1_k": 2, "stage1_threshold": None,
-           "eval_fraction": 0.0, "test_fraction": 0.0, "query_token_buckets": 100,
-           "profile_buckets": 50, "query_vocab": None}
-    cfg.update(overrides)
-    return cfg
+    settings = dict(input_format="canonical", embedding_dim=DIM, tasks=("click",),
+                    engagement_names=F.ENGAGEMENT_NAMES["canonical"], long_term_length=3,
+                    real_time_length=2, max_candidates=2, query_token_buckets=100,
+                    profile_buckets=50)
+    metadata = F.DatasetMetadata(**{**settings, **overrides})
+    return P.PipelineConfig(metadata=metadata, eval_fraction=0.0, test_fraction=0.0)
+
+
+def _md(long_term_length, real_time_length, mode="recent", stage1_threshold=None):
+    """The settings of a point-in-time join (stage1 mode: K1 = long_term_length)."""
+    return F.DatasetMetadata(long_term_length=long_term_length,
+                             real_time_length=real_time_length, long_term_mode=mode,
+                             stage1_threshold=stage1_threshold)
 
 
 # ---- pure functions ----------------------------------------------------------------------------
@@ -59,7 +65,7 @@ def _history(rows):
 
 
 def _row(t, item, source=F.SOURCE_FEED, eng=(0.5, 0, 0, 0)):
-    return (t, item, source, eng, item * 10, (item, item + 1))
+    return pit.BehaviourRow(t, item, source, eng, item * 10, (item, item + 1))
 
 
 def test_point_in_time_is_strict_with_shuffles_ties_and_own_clicks():
@@ -71,7 +77,7 @@ def test_point_in_time_is_strict_with_shuffles_ties_and_own_clicks():
         random.Random(seed).shuffle(shuffled)
         history, duplicates = _history(shuffled)
         assert len(duplicates) == 1 and duplicates[0][:2] == (t - 500, 6)
-        feats = pit.join_request(history, t, long_term_length=10, real_time_length=2)
+        feats = pit.join_request(history, t, _md(10, 2))
         long_items = feats["long_item"].tolist()
         # equal timestamps: larger item index counts as more recent (reverse of the sort key)
         assert long_items == [5, 1, 6, 7]
@@ -86,11 +92,11 @@ def test_point_in_time_is_strict_with_shuffles_ties_and_own_clicks():
 def test_point_in_time_empty_and_exactly_at_first_behaviour():
     history, _ = _history([_row(100, 1), _row(200, 2)])
     for t in (0, 99, 100):
-        feats = pit.join_request(history, t, 5, 5)
+        feats = pit.join_request(history, t, _md(5, 5))
         assert feats["long_item"].size == 0 and feats["rt_item"].size == 0
     empty, _ = _history([])
-    assert pit.join_request(empty, 50, 5, 5)["long_item"].size == 0
-    feats = pit.join_request(history, 201, 1, 5)
+    assert pit.join_request(empty, 50, _md(5, 5))["long_item"].size == 0
+    feats = pit.join_request(history, 201, _md(1, 5))
     assert feats["long_item"].tolist() == [2] and feats["rt_item"].tolist() == [2, 1]
 
 
@@ -98,8 +104,8 @@ def test_stage1_long_term_is_top_k_by_cosine_most_recent_first():
     table = np.array([[0, 0], [1, 0], [0, 1], [0.9, 0.1], [1, 0]], np.float32)
     rows = [_row(10, 1), _row(20, 2), _row(30, 3), _row(40, 4), _row(50, 2), _row(60, 1)]
     history, _ = _history(rows)
-    feats = pit.join_request(history, 55, 2, 2, mode="stage1", query_embedding=[1, 0],
-                             item_embeddings=table, stage1_k=2)
+    feats = pit.join_request(history, 55, _md(2, 2, "stage1"), query_embedding=[1, 0],
+                             item_embeddings=table)
     # before 55: items 1,2,3,4,2 (t=10..50); cosine 1 for items 1 and 4 (t=10, 40)
     assert feats["long_item"].tolist() == [4, 1]
     np.testing.assert_allclose(feats["long_time_gap"], [0.015, 0.045], rtol=1e-6)
@@ -107,14 +113,14 @@ def test_stage1_long_term_is_top_k_by_cosine_most_recent_first():
     before = np.arange(history.timestamp_ms.searchsorted(55) - 1, -1, -1)
     ref = stage1_top_k([1, 0], table[history.item[before]], 1)
     assert history.item[before[ref]].tolist() == [4]
-    one = pit.join_request(history, 55, 1, 2, mode="stage1", query_embedding=[1, 0],
-                           item_embeddings=table, stage1_k=1)
+    one = pit.join_request(history, 55, _md(1, 2, "stage1"), query_embedding=[1, 0],
+                           item_embeddings=table)
     assert one["long_item"].tolist() == [4]
-    thresholded = pit.join_request(history, 55, 5, 2, mode="stage1", query_embedding=[0, 1],
-                                   item_embeddings=table, stage1_k=5, stage1_threshold=0.5)
+    thresholded = pit.join_request(history, 55, _md(5, 2, "stage1", 0.5),
+                                   query_embedding=[0, 1], item_embeddings=table)
     assert thresholded["long_item"].tolist() == [2, 2]
-    empty = pit.join_request(history, 5, 2, 2, mode="stage1", query_embedding=[1, 0],
-                             item_embeddings=table, stage1_k=2)
+    empty = pit.join_request(history, 5, _md(2, 2, "stage1"), query_embedding=[1, 0],
+                             item_embeddings=table)
     assert empty["long_item"].size == 0
 
 
@@ -276,5 +282,6 @@ def test_join_user_in_beam_writes_point_in_time_examples():
                     equal_to([None]), label="examples")
         assert_that(out[P.DEAD] | beam.Map(lambda d: d.reason),
                     equal_to(["duplicate_behaviour"]), label="dead")
-        assert_that(out[P.JoinUser.HISTORY] | beam.Map(lambda s: [r[0] for r in json.loads(s)[3]]),
+        assert_that(out[P.JoinUser.HISTORY] | beam.Map(
+            lambda s: [r["timestamp_ms"] for r in json.loads(s)[3]]),
                     equal_to([[998, 999, 1000]]), label="history")

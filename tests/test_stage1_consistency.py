@@ -172,10 +172,10 @@ def test_replay_end_to_end_on_a_trained_model(tmp_path):
     data, model_dir = str(tmp_path / "data"), str(tmp_path / "model")
     table, histories = write_stage1_dataset(data, rng)
     assert task.main(["--data", data, "--model-dir", model_dir, "--model", "qin",
-                      "--config", '{"k1": 8, "k2": 4}', "--epochs", "1", "--batch-size", "32",
+                      "--config", '{"k2": 4}', "--epochs", "1", "--batch-size", "32",
                       "--eval-batch-size", "32", "--seed", "1"]) == 0
     store = InMemoryStore(table, histories)
-    exact = C.run(C.parse_args(["--data", data, "--model-dir", model_dir, "--k1", "16",
+    exact = C.run(C.parse_args(["--data", data, "--model-dir", model_dir,
                                 "--scann-min-history", str(10**12), "--batch-size", "16"]), store)
     assert exact["requests"] == 48
     assert exact["stage1_backends"] == {"exact": 48}
@@ -183,7 +183,7 @@ def test_replay_end_to_end_on_a_trained_model(tmp_path):
     assert exact["max_abs_delta_gauc"] == 0.0 and exact["within_target"]
     for row in exact["tasks"].values():
         assert 0.0 <= row["exact"]["gauc_request"] <= 1.0
-    forced = C.run(C.parse_args(["--data", data, "--model-dir", model_dir, "--k1", "16",
+    forced = C.run(C.parse_args(["--data", data, "--model-dir", model_dir,
                                  "--scann-min-history", "16", "--batch-size", "16",
                                  "--max-requests", "32"]), store)
     # Requests far in a user's past hide most of the index: those are answered exactly.

@@ -55,7 +55,8 @@ class ModelConfig:
     use_stage2: bool = True  # False: the FAU attends over all K1 stage-1 behaviours
     use_engagement_weighting: bool = True  # False: g(i) = 1 and the fusion gate is a constant
     attention_fields: str = "both"  # "id": FAU attention from the ID field only (lambda = 1)
-    k1: int = 100  # stage-1 behaviours kept per request
+    # stage-1 behaviours kept per request; None: taken from the data (`resolved_for`)
+    k1: Optional[int] = None
     k2: int = 20  # stage-2 behaviours kept per candidate (also the GSU size of SIM/TWIN)
     relevance_threshold: Optional[float] = None  # eps: stage-1 cosine below it is masked out
     fusion_lambda: Optional[float] = None  # None: learned; else fixed weight of the ID attention
@@ -89,9 +90,9 @@ class ModelConfig:
             fail(f"attention_fields {self.attention_fields!r} is not one of {ATTENTION_FIELDS}")
         if self.score_formula not in SCORE_FORMULAS:
             fail(f"score_formula {self.score_formula!r} is not one of {SCORE_FORMULAS}")
-        if self.k1 < 1 or self.k2 < 1:
+        if (self.k1 is not None and self.k1 < 1) or self.k2 < 1:
             fail(f"k1 and k2 must be >= 1 (got k1={self.k1}, k2={self.k2})")
-        if self.k2 > self.k1:
+        if self.k1 is not None and self.k2 > self.k1:
             fail(f"k2={self.k2} exceeds k1={self.k1}: stage 2 selects among stage-1 behaviours")
         if self.fusion_lambda is not None and not 0.0 <= self.fusion_lambda <= 1.0:
             fail(f"fusion_lambda must be in [0, 1] or null (got {self.fusion_lambda})")
@@ -112,6 +113,37 @@ class ModelConfig:
                 if not isinstance(weight, (int, float)) or weight < 0:
                     fail(f"{name}[{task!r}] must be a non-negative number (got {weight!r})")
         return self
+
+    def resolved_for(self, metadata) -> "ModelConfig":
+        """This config with the settings the data fixes filled in, or a clear refusal.
+
+        K1 and the relevance threshold belong to the data when its long-term sequences are RSU
+        stage-1 selections (`long_term_mode == "stage1"`: preprocessing's --stage1-k and
+        --stage1-threshold, recorded in metadata.json): the model then takes them from the
+        metadata, and a config that sets different values is refused (a smaller K1 would keep
+        the most *recent* of the stage-1 set, not the most relevant). Otherwise K1 defaults to
+        common.features.DEFAULT_STAGE1_K.
+        """
+        from common import features as F
+
+        resolved = dataclasses.replace(self)
+        if metadata.long_term_mode == "stage1":
+            for name, data_name, data_value in (
+                    ("k1", "stage1_k", metadata.stage1_k),
+                    ("relevance_threshold", "stage1_threshold", metadata.stage1_threshold)):
+                mine = getattr(self, name)
+                if mine is not None and mine != data_value:
+                    raise ValueError(
+                        f"model config sets {name}={mine}, but the data's long-term sequences "
+                        f"are RSU stage-1 selections made with {data_name}={data_value} "
+                        f"(metadata.json, preprocessing --{data_name.replace('_', '-')}): drop "
+                        f"{name} from the config to take the data's value, or preprocess again "
+                        f"with --{data_name.replace('_', '-')} {mine}")
+            resolved.k1 = metadata.stage1_k
+            resolved.relevance_threshold = metadata.stage1_threshold
+        elif resolved.k1 is None:
+            resolved.k1 = F.DEFAULT_STAGE1_K
+        return resolved.validate()
 
     def check_tasks(self, tasks) -> None:
         """Fails fast when loss or score weights name a task the dataset does not have."""

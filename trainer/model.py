@@ -38,25 +38,11 @@ from trainer.layers.embeddings import FeatureEmbeddings, behaviour_cross_feature
 from trainer.layers.mmoe import MMoE
 from trainer.layers.relevance_search import cosine
 
-SCORE = "score"
-SELECTED_INDEX = "rsu_selected_index"
-SELECTED_WEIGHT = "rsu_selected_weight"
 FINAL_WEIGHTS_DIR = "final"  # model_dir/final/<prefix>: model.save_weights, TF format
 FINAL_WEIGHTS_PREFIX = "weights"
 _PROB_EPSILON = 1e-7
 
 
-def output_names(tasks):
-    return list(tasks) + [SCORE, SELECTED_INDEX, SELECTED_WEIGHT]
-
-
-_UNUSED_INPUTS = (F.REQUEST_ID, F.USER_ID, F.REQUEST_TIME)
-
-
-def input_feature_names(metadata: F.DatasetMetadata):
-    """The features the model reads (a subset of `parse_examples` without labels)."""
-    names = [n for n in F.request_feature_names(metadata) if n not in _UNUSED_INPUTS]
-    return names + F.candidate_feature_names(metadata, with_labels=False)
 
 
 # Cosine along the last axis, 0 for zero vectors: the RSU's, whose float32 result does not
@@ -87,7 +73,7 @@ class RankingModel(tfrs.models.Model):
     def __init__(self, config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings,
                  **kwargs):
         super().__init__(name=kwargs.pop("name", f"{config.model_type}_ranking"), **kwargs)
-        config.validate()
+        config = config.resolved_for(metadata)  # K1 / threshold of stage-1 data, or a refusal
         config.check_tasks(metadata.tasks)
         self.config = config
         self.metadata = metadata
@@ -112,6 +98,8 @@ class RankingModel(tfrs.models.Model):
                 name=f"{task}_task")
             for task in self.tasks
         }
+        # a tracked metric: fit() resets it at every epoch start (see train_step)
+        self.epoch_loss = tf.keras.metrics.Mean(name="epoch_loss")
 
     # ---- unit construction -----------------------------------------------------------------
     def _build_long_term_unit(self):
@@ -170,7 +158,7 @@ class RankingModel(tfrs.models.Model):
         return self.request_tower(tf.concat([user, profile, query_tokens, query_embedding], -1))
 
     def _forward(self, features, training=False):
-        missing = [n for n in input_feature_names(self.metadata) if n not in features]
+        missing = [n for n in F.model_input_names(self.metadata) if n not in features]
         if missing:
             raise ValueError(f"model input lacks features {missing}; build inputs with "
                              f"common.features.parse_examples")
@@ -215,9 +203,9 @@ class RankingModel(tfrs.models.Model):
         logits, _ = self.head(tf.concat(parts, axis=-1), training=training)
         logits = {task: tf.cast(logit, tf.float32) for task, logit in logits.items()}
         outputs = {task: tf.sigmoid(logits[task]) for task in self.tasks}
-        outputs[SCORE] = self._score(outputs)
-        outputs[SELECTED_INDEX] = selected_index
-        outputs[SELECTED_WEIGHT] = selected_weight
+        outputs[F.SCORE] = self._score(outputs)
+        outputs[F.RSU_SELECTED_INDEX] = selected_index
+        outputs[F.RSU_SELECTED_WEIGHT] = selected_weight
         return outputs, logits
 
     def _long_term(self, long, query_embedding, cand_item, cand_category, target_id,
@@ -273,10 +261,10 @@ class RankingModel(tfrs.models.Model):
         outputs, _ = self._forward(features, training=training)
         return outputs
 
-    # ---- loss ------------------------------------------------------------------------------
+    # ---- loss and training step -------------------------------------------------------------
     def compute_loss(self, features, training=False):
         """Mean weighted loss of this batch (one replica's share under a distribution strategy;
-        `trainer.task` divides by the number of replicas before taking gradients)."""
+        `train_step` divides by the number of replicas before taking gradients)."""
         missing = [F.label_feature(t) for t in self.tasks if F.label_feature(t) not in features]
         if missing:
             raise ValueError(f"batch has no labels {missing}: parse with with_labels=True")
@@ -292,6 +280,36 @@ class RankingModel(tfrs.models.Model):
             total += self.config.loss_weight(task) * task_loss / num_valid
         return total
 
+    def train_step(self, inputs):
+        """One optimisation step, correct under tf.distribute and mixed precision.
+
+        `compute_loss` returns the mean loss of the batch one replica sees. Optimisers sum
+        gradients over replicas, so the loss is divided by the number of replicas in sync to make
+        the update the gradient of the global mean (TFRS's generic step does not); under
+        mixed_float16 the loss is scaled (and the gradients unscaled) by the LossScaleOptimizer.
+        Logs: every metric, `batch_loss`, `regularization_loss` and `loss`, the mean over the
+        epoch so far (fit() resets `epoch_loss` at every epoch start).
+        """
+        loss_scale_type = tf.keras.mixed_precision.LossScaleOptimizer
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(inputs, training=True)
+            regularization = tf.reduce_sum([tf.reduce_sum(x) for x in self.losses])
+            total = tf.cast(loss, tf.float32) + tf.cast(regularization, tf.float32)
+            scaled = total / replicas
+            if isinstance(self.optimizer, loss_scale_type):
+                scaled = self.optimizer.get_scaled_loss(scaled)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        if isinstance(self.optimizer, loss_scale_type):
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        self.epoch_loss.update_state(total)
+        logs = {m.name: m.result() for m in self.metrics}
+        logs.update(batch_loss=loss, regularization_loss=regularization)
+        logs["loss"] = self.epoch_loss.result()
+        return logs
+
 
 def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings
                 ) -> RankingModel:
@@ -303,30 +321,14 @@ def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embedding
 
 def dummy_features(metadata: F.DatasetMetadata, batch_size=1, num_candidates=1,
                    with_labels=False) -> Dict[str, tf.Tensor]:
-    """A well-formed all-padding input batch (used to create the model's variables)."""
-    b, n = batch_size, num_candidates
-    zeros = lambda shape, dtype=tf.int64: tf.zeros(shape, dtype)  # noqa: E731
-    out = {
-        F.REQUEST_ID: tf.fill([b], ""), F.USER_ID: tf.fill([b], ""),
-        F.USER_INDEX: zeros([b]), F.REQUEST_TIME: zeros([b]),
-        F.QUERY_TOKENS: zeros([b, F.MAX_QUERY_TOKENS]), F.QUERY_LENGTH: zeros([b]),
-        F.QUERY_EMBEDDING: zeros([b, metadata.embedding_dim], tf.float32),
-        F.USER_PROFILE: zeros([b, F.USER_PROFILE_DIM]),
-        F.NUM_CANDIDATES: tf.fill([b], tf.constant(n, tf.int64)),
-        F.CANDIDATE_ITEM: zeros([b, n]), F.CANDIDATE_AUTHOR: zeros([b, n]),
-        F.CANDIDATE_CATEGORY: zeros([b, n, F.NUM_CATEGORY_LEVELS]),
-    }
-    for seq, length in ((F.LONG_TERM, metadata.long_term_length),
-                        (F.REAL_TIME, metadata.real_time_length)):
-        out[F.seq_feature(seq, F.SEQ_LENGTH)] = zeros([b])
-        for field in F.SEQ_FIELDS:
-            width = F.SEQ_FIELD_WIDTH[field]
-            dtype = tf.float32 if F.SEQ_FIELD_DTYPE[field] == "float32" else tf.int64
-            shape = [b, length] + ([width] if width > 1 else [])
-            out[F.seq_feature(seq, field)] = zeros(shape, dtype)
-    if with_labels:
-        for task in metadata.tasks:
-            out[F.label_feature(task)] = zeros([b, n], tf.float32)
+    """A well-formed all-padding input batch of `common.features.dense_layout` (used to create
+    the model's variables and to trace signatures)."""
+    out = {}
+    for name, dense in F.dense_layout(metadata, with_labels=with_labels).items():
+        shape = [batch_size] + [num_candidates if d is None else d for d in dense.shape[1:]]
+        out[name] = tf.zeros(shape, tf.as_dtype(dense.dtype)) if dense.dtype != "string" \
+            else tf.fill(shape, "")
+    out[F.NUM_CANDIDATES] = tf.fill([batch_size], tf.constant(num_candidates, tf.int64))
     return out
 
 

@@ -111,47 +111,6 @@ def resolve_dirs(args) -> Dict[str, str]:
     return {"model_dir": model_dir, "checkpoint_dir": checkpoint_dir, "log_dir": log_dir}
 
 
-# ---- training step ---------------------------------------------------------------------------
-def install_train_step(model) -> None:
-    """Replaces the model's train step with one that is correct under tf.distribute and
-    mixed precision.
-
-    The model's `compute_loss` returns the mean loss of the batch it sees (one replica's
-    share). Optimisers sum gradients over replicas, so the loss is divided by the number of
-    replicas in sync to make the update the gradient of the global mean; under mixed_float16 the
-    loss is scaled (and the gradients unscaled) by the LossScaleOptimizer, which the generic
-    TFRS step does not do.
-    """
-    import tensorflow as tf
-
-    loss_scale_type = tf.keras.mixed_precision.LossScaleOptimizer
-    with model.distribute_strategy.scope():
-        # a tracked metric: fit() resets it at every epoch start
-        model.epoch_loss = tf.keras.metrics.Mean(name="epoch_loss")
-
-    def train_step(inputs):
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            loss = model.compute_loss(inputs, training=True)
-            regularization = tf.reduce_sum([tf.reduce_sum(x) for x in model.losses])
-            total = tf.cast(loss, tf.float32) + tf.cast(regularization, tf.float32)
-            scaled = total / replicas
-            if isinstance(model.optimizer, loss_scale_type):
-                scaled = model.optimizer.get_scaled_loss(scaled)
-        variables = model.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        if isinstance(model.optimizer, loss_scale_type):
-            gradients = model.optimizer.get_unscaled_gradients(gradients)
-        model.optimizer.apply_gradients(zip(gradients, variables))
-        model.epoch_loss.update_state(total)
-        logs = {m.name: m.result() for m in model.metrics}
-        logs.update(batch_loss=loss, regularization_loss=regularization)
-        logs["loss"] = model.epoch_loss.result()  # mean over the epoch so far
-        return logs
-
-    model.train_step = train_step
-
-
 # ---- callbacks ---------------------------------------------------------------------------------
 def _callbacks_base():
     import tensorflow as tf
@@ -331,6 +290,7 @@ def train(args) -> dict:
     config = config_lib.resolve(args.model, args.config)
     if args.seed is not None:
         config.seed = args.seed
+    config = config.resolved_for(metadata)  # saved with the K1 the model really uses
     config.check_tasks(metadata.tasks)
     item_embeddings = load_item_embeddings(args.data)
     tf.keras.utils.set_random_seed(config.seed)
@@ -366,7 +326,6 @@ def train(args) -> dict:
         outputs = model(model_lib.dummy_features(metadata, 2, 2))  # creates the variables
         optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
         model.compile(optimizer=optimizer)
-    install_train_step(model)
     bad = {k: v.dtype.name for k, v in outputs.items()
            if k in metadata.tasks and v.dtype != tf.float32}
     if bad:
