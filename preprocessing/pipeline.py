@@ -482,6 +482,9 @@ def expand_core(records: Dict[str, beam.PCollection], config: Dict[str, Any], ou
     (stats | "StatsJson" >> beam.Map(json.dumps)
      | "WriteStats" >> beam.io.WriteToText(os.path.join(work, "stats"), num_shards=1,
                                            file_name_suffix=".json"))
+    (cutoffs | "CutoffsJson" >> beam.Map(lambda c: json.dumps({"eval": c[0], "test": c[1]}))
+     | "WriteCutoffs" >> beam.io.WriteToText(os.path.join(work, "cutoffs"), num_shards=1,
+                                             file_name_suffix=".json"))
     (catalog | "CatalogRows" >> beam.FlatMap(_catalog_lines)
      | "WriteCatalog" >> beam.io.WriteToText(os.path.join(work, "catalog"),
                                              file_name_suffix=".jsonl"))
@@ -553,7 +556,7 @@ def _write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def finish(output: str, config: Dict[str, Any], prepared: Dict[str, Any], cutoffs_hint=None,
+def finish(output: str, config: PipelineConfig, prepared: Dict[str, Any],
            write_feature_store: bool = True, progress=print) -> Dict[str, Any]:
     """Writes vocab/, item_embeddings.npy, metadata.json, stats.json and the feature store from
     the pipeline's intermediate files; returns the stats."""
@@ -585,6 +588,7 @@ def finish(output: str, config: Dict[str, Any], prepared: Dict[str, Any], cutoff
     metadata.save(output)
 
     raw_stats = json.loads(next(iter(_read_lines(os.path.join(work, "stats*")))))
+    cutoffs = json.loads(next(iter(_read_lines(os.path.join(work, "cutoffs*")))))
     stats = S.summarise(raw_stats)
     stats.update({"items": metadata.num_items, "users": metadata.num_users,
                   "authors": metadata.num_authors, "categories": metadata.num_categories,
@@ -592,10 +596,21 @@ def finish(output: str, config: Dict[str, Any], prepared: Dict[str, Any], cutoff
                   "split_rule": "by request timestamp: latest test_fraction -> test, the "
                                 "preceding eval_fraction -> eval (ties share a split)",
                   "eval_fraction": config.eval_fraction,
-                  "test_fraction": config.test_fraction})
+                  "test_fraction": config.test_fraction,
+                  # first request time of eval / test (max int64: no such split): what later
+                  # steps (the item-to-item table, retrieval evaluation) must not learn from
+                  "split_cutoffs_ms": cutoffs})
     text_tower = prepared.get("reader_kwargs", {}).get("text_tower_stats")
     if text_tower:
         stats["text_tower"] = text_tower
+        trained_before = text_tower.get("split_cutoffs_ms")
+        if trained_before is not None and trained_before != cutoffs:
+            # the reader's prepare() must see the same requests as the pipeline, or the text
+            # space may have learned from eval/test sessions
+            raise RuntimeError(
+                f"the text tower was trained with split cutoffs {trained_before} but the "
+                f"pipeline split at {cutoffs}: the reader's prepare() and the pipeline "
+                f"disagree on the requests; the eval/test metrics would be leaked")
     if write_feature_store:
         stats["feature_store"] = _write_feature_store(output, metadata, item_rows, prepared,
                                                       progress)

@@ -190,6 +190,10 @@ def test_split_by_time_holds_out_the_latest_requests(run):
     assert max(times["train"] + times["eval"]) < min(times["test"])
     assert len(times["test"]) >= math.ceil(0.2 * len(examples))
     assert stats["examples_by_split"] == {s: len(v) for s, v in times.items() if v}
+    # the cutoffs later steps must not learn past are recorded, and are the split's edges
+    cut = json.load(open(os.path.join(out, "stats.json")))["split_cutoffs_ms"]
+    assert cut["test"] == min(times["test"])
+    assert cut["eval"] == min(times["eval"] or times["test"])
 
 
 def test_dead_letters_and_stats_count_every_reject(run):
