@@ -37,26 +37,8 @@ BATCHING = ("max_batch_size { value: 3200 }\nbatch_timeout_micros { value: 2000 
 
 
 def synthetic_request(md: F.DatasetMetadata, candidates: int, rng) -> dict:
-    r = {F.REQUEST_ID: "bench", F.USER_ID: "u", F.USER_INDEX: 1, F.REQUEST_TIME: 10**12,
-         F.QUERY_TOKENS: rng.integers(1, md.query_token_buckets, 4),
-         F.QUERY_EMBEDDING: rng.normal(size=md.embedding_dim),
-         F.USER_PROFILE: rng.integers(1, md.profile_buckets, F.USER_PROFILE_DIM)}
-    items = rng.integers(1, md.num_items + 1, candidates)
-    r[F.CANDIDATE_ITEM] = items
-    r[F.CANDIDATE_AUTHOR] = rng.integers(1, md.num_authors + 1, candidates)
-    r[F.CANDIDATE_CATEGORY] = rng.integers(1, md.num_categories + 1, (candidates, 2))
-    for seq, length in ((F.LONG_TERM, md.long_term_length), (F.REAL_TIME, md.real_time_length)):
-        seq_items = rng.integers(1, md.num_items + 1, length)
-        r[F.seq_feature(seq, F.SEQ_ITEM)] = seq_items
-        r[F.seq_feature(seq, F.SEQ_AUTHOR)] = rng.integers(1, md.num_authors + 1, length)
-        r[F.seq_feature(seq, F.SEQ_CATEGORY)] = rng.integers(1, md.num_categories + 1,
-                                                             (length, 2))
-        r[F.seq_feature(seq, F.SEQ_ENGAGEMENT)] = rng.random((length, F.ENGAGEMENT_DIM))
-        r[F.seq_feature(seq, F.SEQ_SOURCE)] = rng.integers(1, 3, length)
-        r[F.seq_feature(seq, F.SEQ_TIME_GAP)] = np.sort(rng.random(length) * 1e6) + 1
-    for task in md.tasks:
-        r[F.label_feature(task)] = np.zeros(candidates)
-    return r
+    """A random request with full sequences (common.features.random_request)."""
+    return F.random_request(md, rng, candidates)
 
 
 def export(args, workdir: str):
@@ -68,7 +50,6 @@ def export(args, workdir: str):
     rng = np.random.default_rng(0)
     if args.model_dir:
         md = F.DatasetMetadata.load(args.data)
-        md = F.DatasetMetadata(**{**md.__dict__, "long_term_length": md.long_term_length})
         model = trainer_model.load_trained_model(args.model_dir, args.data)
     else:
         md = F.DatasetMetadata(num_items=20_000, num_authors=2_000, num_categories=200,

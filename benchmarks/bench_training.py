@@ -33,45 +33,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_batch(metadata, requests, candidates, seed=0):
+    """A training batch of `requests` random requests (common.features.random_request: full
+    sequences, `candidates` candidates each, labels ~20% positive) in the parsed layout."""
     import numpy as np
     import tensorflow as tf
 
     from common import features as F
 
     rng = np.random.default_rng(seed)
-    b, n = requests, candidates
-
-    def ids(shape, high):
-        return tf.constant(rng.integers(1, high + 1, shape), tf.int64)
-
-    out = {
-        F.REQUEST_ID: tf.constant([f"r{i}".encode() for i in range(b)]),
-        F.USER_ID: tf.constant([f"u{i}".encode() for i in range(b)]),
-        F.USER_INDEX: ids([b], metadata.num_users), F.REQUEST_TIME: ids([b], 10 ** 9),
-        F.QUERY_TOKENS: ids([b, F.MAX_QUERY_TOKENS], metadata.query_token_buckets - 1),
-        F.QUERY_LENGTH: tf.fill([b], tf.constant(4, tf.int64)),
-        F.QUERY_EMBEDDING: tf.constant(rng.normal(size=(b, metadata.embedding_dim)), tf.float32),
-        F.USER_PROFILE: ids([b, F.USER_PROFILE_DIM], metadata.profile_buckets - 1),
-        F.NUM_CANDIDATES: tf.fill([b], tf.constant(n, tf.int64)),
-        F.CANDIDATE_ITEM: ids([b, n], metadata.num_items),
-        F.CANDIDATE_AUTHOR: ids([b, n], metadata.num_authors),
-        F.CANDIDATE_CATEGORY: ids([b, n, F.NUM_CATEGORY_LEVELS], metadata.num_categories),
-    }
-    for task in metadata.tasks:
-        out[F.label_feature(task)] = tf.constant(rng.random((b, n)) < 0.2, tf.float32)
-    for seq, length in ((F.LONG_TERM, metadata.long_term_length),
-                        (F.REAL_TIME, metadata.real_time_length)):
-        out[F.seq_feature(seq, F.SEQ_LENGTH)] = tf.fill([b], tf.constant(length, tf.int64))
-        out[F.seq_feature(seq, F.SEQ_ITEM)] = ids([b, length], metadata.num_items)
-        out[F.seq_feature(seq, F.SEQ_AUTHOR)] = ids([b, length], metadata.num_authors)
-        out[F.seq_feature(seq, F.SEQ_CATEGORY)] = ids([b, length, F.NUM_CATEGORY_LEVELS],
-                                                      metadata.num_categories)
-        out[F.seq_feature(seq, F.SEQ_ENGAGEMENT)] = tf.constant(
-            rng.random((b, length, F.ENGAGEMENT_DIM)), tf.float32)
-        out[F.seq_feature(seq, F.SEQ_SOURCE)] = ids([b, length], 2)
-        out[F.seq_feature(seq, F.SEQ_TIME_GAP)] = tf.constant(
-            np.sort(rng.random((b, length)) * 1e6, axis=1) + 1, tf.float32)
-    return out
+    serialized = []
+    for _ in range(requests):
+        request = F.random_request(metadata, rng, candidates)
+        for task in metadata.tasks:
+            request[F.label_feature(task)] = (rng.random(candidates) < 0.2).astype(np.float32)
+        serialized.append(F.make_example(request, metadata.tasks).SerializeToString())
+    return F.parse_examples(tf.constant(serialized), metadata)
 
 
 def run_one(model_name, long_length, requests, candidates, steps, warmup, num_items):

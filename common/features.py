@@ -110,6 +110,8 @@ class FeatureSpec:
     scalar: bool = False  # one value per request (dense shape [B]); else a vector [B, width]
     model_input: bool = True
     required: bool = False  # make_example refuses a request without it (no default applies)
+    # ids: the DatasetMetadata field holding the vocabulary size (indices 1..size, 0 unknown)
+    vocabulary: Optional[str] = None
     sequence: Optional[str] = None  # the behaviour sequence a sequence-level feature belongs to
 
     def resolved_width(self, metadata: "DatasetMetadata") -> int:
@@ -125,30 +127,34 @@ REQUEST_SPECS = (
                 required=True),
     FeatureSpec(USER_ID, "string", REQUEST_LEVEL, default="", scalar=True, model_input=False,
                 required=True),
-    FeatureSpec(USER_INDEX, "int64", REQUEST_LEVEL, default=OOV_INDEX, scalar=True),
+    FeatureSpec(USER_INDEX, "int64", REQUEST_LEVEL, default=OOV_INDEX, scalar=True,
+                vocabulary="num_users"),
     FeatureSpec(REQUEST_TIME, "int64", REQUEST_LEVEL, scalar=True, model_input=False,
                 required=True),
     FeatureSpec(QUERY_TOKENS, "int64", REQUEST_LEVEL, width=MAX_QUERY_TOKENS,
-                counted_by=QUERY_LENGTH),
+                counted_by=QUERY_LENGTH, vocabulary="query_token_buckets"),
     FeatureSpec(QUERY_LENGTH, "int64", REQUEST_LEVEL, scalar=True),
     FeatureSpec(QUERY_EMBEDDING, "float32", REQUEST_LEVEL, width=EMBEDDING_WIDTH, required=True),
-    FeatureSpec(USER_PROFILE, "int64", REQUEST_LEVEL, width=USER_PROFILE_DIM, default=OOV_INDEX),
+    FeatureSpec(USER_PROFILE, "int64", REQUEST_LEVEL, width=USER_PROFILE_DIM, default=OOV_INDEX,
+                vocabulary="profile_buckets"),
 )
 NUM_CANDIDATES_SPEC = FeatureSpec(NUM_CANDIDATES, "int64", REQUEST_LEVEL, scalar=True)
 CANDIDATE_SPECS = (
-    FeatureSpec(CANDIDATE_ITEM, "int64", CANDIDATE_LEVEL),
-    FeatureSpec(CANDIDATE_AUTHOR, "int64", CANDIDATE_LEVEL),
-    FeatureSpec(CANDIDATE_CATEGORY, "int64", CANDIDATE_LEVEL, width=NUM_CATEGORY_LEVELS),
+    FeatureSpec(CANDIDATE_ITEM, "int64", CANDIDATE_LEVEL, vocabulary="num_items"),
+    FeatureSpec(CANDIDATE_AUTHOR, "int64", CANDIDATE_LEVEL, vocabulary="num_authors"),
+    FeatureSpec(CANDIDATE_CATEGORY, "int64", CANDIDATE_LEVEL, width=NUM_CATEGORY_LEVELS,
+                vocabulary="num_categories"),
 )
 # One entry per field of a behaviour; each sequence of SEQUENCES has every field. Adding a
 # field here adds it to examples, parsing, the model's dense inputs, serving signatures, the
 # point-in-time join and the behaviour index.
 SEQUENCE_FIELD_SPECS = (
-    FeatureSpec(SEQ_ITEM, "int64", SEQUENCE_LEVEL),
-    FeatureSpec(SEQ_AUTHOR, "int64", SEQUENCE_LEVEL),
-    FeatureSpec(SEQ_CATEGORY, "int64", SEQUENCE_LEVEL, width=NUM_CATEGORY_LEVELS),
+    FeatureSpec(SEQ_ITEM, "int64", SEQUENCE_LEVEL, vocabulary="num_items"),
+    FeatureSpec(SEQ_AUTHOR, "int64", SEQUENCE_LEVEL, vocabulary="num_authors"),
+    FeatureSpec(SEQ_CATEGORY, "int64", SEQUENCE_LEVEL, width=NUM_CATEGORY_LEVELS,
+                vocabulary="num_categories"),
     FeatureSpec(SEQ_ENGAGEMENT, "float32", SEQUENCE_LEVEL, width=ENGAGEMENT_DIM),
-    FeatureSpec(SEQ_SOURCE, "int64", SEQUENCE_LEVEL),
+    FeatureSpec(SEQ_SOURCE, "int64", SEQUENCE_LEVEL, vocabulary="num_sources"),
     FeatureSpec(SEQ_TIME_GAP, "float32", SEQUENCE_LEVEL),
 )
 SEQ_FIELDS = tuple(s.name for s in SEQUENCE_FIELD_SPECS)
@@ -241,6 +247,18 @@ class DatasetMetadata:
         elif self.stage1_k is not None or self.stage1_threshold is not None:
             raise ValueError("stage1_k and stage1_threshold only apply to long_term_mode "
                              f"'stage1' (mode is {self.long_term_mode!r})")
+
+    @property
+    def num_sources(self) -> int:
+        return SOURCE_SEARCH  # sources are 1..SOURCE_SEARCH, 0 unknown
+
+    def vocabulary_size(self, spec: "FeatureSpec") -> int:
+        """Largest valid index of an id feature (indices 1..size; 0 is unknown/padding)."""
+        if spec.vocabulary is None:
+            raise ValueError(f"{spec.name} is not an id feature")
+        size = int(getattr(self, spec.vocabulary))
+        # hashed features map into [1, buckets)
+        return size - 1 if spec.vocabulary.endswith("_buckets") else size
 
     def sequence_length(self, sequence: str) -> int:
         """Maximum number of behaviours of a sequence (LONG_TERM or REAL_TIME)."""
@@ -444,6 +462,39 @@ def make_example(request: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
                 raise ValueError(f"{spec.name} has {len(values)} values, expected {expected}")
             f[spec.name] = _feature_proto(spec.dtype, values)
     return example_pb2.Example(features=feature_pb2.Features(feature=f))
+
+
+def random_request(metadata: DatasetMetadata, rng, num_candidates: int,
+                   sequence_lengths: Optional[Mapping[str, int]] = None,
+                   request_time_ms: int = 10**12) -> Dict[str, Any]:
+    """A random, well-formed request mapping (the input of `make_example` and of
+    `serving.signatures.listwise_inputs`), drawn from the feature table: ids within their
+    vocabularies, floats in [0, 1), time gaps positive and increasing (most recent first),
+    all-zero labels. Sequences are full (`sequence_length`) unless `sequence_lengths` says
+    otherwise. For benchmarks and tests that need shapes, not meaning."""
+    lengths = {seq: metadata.sequence_length(seq) for seq in SEQUENCES}
+    lengths.update(sequence_lengths or {})
+    request: Dict[str, Any] = {REQUEST_ID: "random", USER_ID: "random",
+                               REQUEST_TIME: int(request_time_ms)}
+    rows = {CANDIDATE_LEVEL: {None: num_candidates}, SEQUENCE_LEVEL: lengths}
+    for spec in feature_specs(metadata, with_labels=True):
+        if spec.name in request or spec.scalar and spec.vocabulary is None:
+            continue  # bookkeeping ids and counts (make_example derives counts)
+        width = spec.resolved_width(metadata)
+        if spec.level == LABEL_LEVEL:
+            request[spec.name] = np.zeros(num_candidates, np.float32)
+            continue
+        n = rows.get(spec.level, {}).get(spec.sequence, 1)
+        shape = (n, width) if spec.level != REQUEST_LEVEL else (() if spec.scalar else (width,))
+        if spec.vocabulary is not None:
+            value = rng.integers(1, metadata.vocabulary_size(spec) + 1, shape)
+        elif spec.name.endswith(SEQ_TIME_GAP):
+            value = np.sort(rng.random(n) * 1e6).astype(np.float32) + 1.0
+        else:
+            value = rng.random(shape).astype(np.float32)
+        request[spec.name] = value.reshape(-1) if width == 1 and spec.level != REQUEST_LEVEL \
+            else value
+    return request
 
 
 # ---- reading --------------------------------------------------------------------------------

@@ -69,3 +69,47 @@ def test_tiny_dataset_is_readable(tiny_dataset):
     batch = F.parse_examples(next(iter(ds)), md)
     assert batch[F.QUERY_EMBEDDING].shape == (8, md.embedding_dim)
     assert batch["label_click"].shape[0] == 8
+
+
+def test_every_layout_function_follows_the_one_feature_table():
+    """Examples, parsing, dense shapes, dummy batches, listwise inputs and the example round trip
+    all list exactly the table's features with the table's dtypes and widths."""
+    import tensorflow as tf
+
+    from serving import signatures as S
+    from trainer.model import dummy_features
+
+    md = F.DatasetMetadata(embedding_dim=6, num_items=40, num_authors=5, num_categories=9,
+                           num_users=7, long_term_length=7, real_time_length=3)
+    rng = np.random.default_rng(1)
+    requests = [F.random_request(md, rng, n, {F.LONG_TERM: 5, F.REAL_TIME: 3}) for n in (4, 2)]
+    serialized = [F.make_example(r, md.tasks).SerializeToString() for r in requests]
+    parsed = F.parse_examples(tf.constant(serialized), md)
+    layout = F.dense_layout(md, with_labels=True)
+    table = {s.name: s for s in F.feature_specs(md, with_labels=True)}
+    assert set(parsed) == set(layout) == set(table)
+    for name, dense in layout.items():
+        assert parsed[name].dtype.name == dense.dtype, name
+        assert len(parsed[name].shape) == len(dense.shape), name
+        for got, want in zip(parsed[name].shape[1:], dense.shape[1:]):
+            assert want is None or got == want, name
+    dummy = dummy_features(md, 2, 4, with_labels=True)
+    assert {k: v.shape for k, v in dummy.items() if k in parsed} == {
+        k: v.shape for k, v in parsed.items() if k in dummy}
+    listwise = S.listwise_inputs(requests, md)
+    assert set(listwise) == set(S.listwise_input_shapes(md)) == set(F.model_input_names(md))
+    for name, (dtype, shape) in S.listwise_input_shapes(md).items():
+        assert listwise[name].dtype == np.dtype(dtype) and listwise[name].ndim == len(shape)
+        if table[name].level != F.REQUEST_LEVEL or table[name].counted_by:
+            assert np.array_equal(listwise[name], parsed[name].numpy()[:, :listwise[name].shape[1]]
+                                  if listwise[name].ndim > 1 else parsed[name].numpy()), name
+    back = S.request_from_example(serialized[0])
+    for name, value in back.items():
+        if table[name].model_input:
+            np.testing.assert_array_equal(np.asarray(value).reshape(-1),
+                                          np.asarray(requests[0][name]).reshape(-1), name)
+    # ids stay inside the vocabularies the table names
+    for spec in table.values():
+        if spec.vocabulary:
+            assert 1 <= int(np.min(parsed[spec.name].numpy()[parsed[spec.name].numpy() > 0])) \
+                and int(np.max(parsed[spec.name])) <= md.vocabulary_size(spec), spec.name
