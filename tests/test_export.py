@@ -1,14 +1,18 @@
 """`python -m serving.export` end to end on a QIN model trained-format directory and the tiny
 dataset: published version layout, version numbering and immutability, atomicity under
-interruption and SIGKILL, the real `saved_model_cli` (show --all, run --input_examples) and the
-warmup file (parses as PredictionLog, replays through the loaded model)."""
+interruption and SIGKILL, the real `saved_model_cli` (show --all, run --input_examples), the
+warmup file (parses as PredictionLog, replays through the loaded model), and publication to a
+remote filesystem (TensorFlow's ram://, standing in for gs://) where no copy is ever seen
+half-done under a version number."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -109,6 +113,8 @@ def test_cli_publishes_a_complete_verified_version(published, tiny_dataset):
     assert summary["verification"]["max_abs_difference"] <= TOL
     assert summary["verification"]["calls"] >= summary["warmup_records"]
     assert "verifying in a clean TensorFlow process" in stderr and "published" in stderr
+    marker = E.read_completion_marker(version_dir)
+    assert marker["version"] == 1 and S.SAVED_MODEL_FILE in marker["files"]
 
 
 def test_versions_are_numbered_and_immutable(published, model_dir, trained_model, tiny_dataset):
@@ -122,8 +128,8 @@ def test_versions_are_numbered_and_immutable(published, model_dir, trained_model
     assert summary["version"] == 2 and E.numeric_versions(model_root) == [1, 2]
     with pytest.raises(E.ExportError, match="immutable"):
         E.resolve_version(base, "qin", 2)
-    with pytest.raises(E.ExportError, match="remote"):
-        E.resolve_version("gs://bucket/models", "qin")
+    with pytest.raises(E.ExportError, match="cannot be reached"):
+        E.resolve_version("nosuchfs://bucket/models", "qin")
     # The CLI refuses an existing version before it loads anything, with an actionable message.
     proc = subprocess.run(
         [sys.executable, "-m", "serving.export", "--model-dir", model_dir, "--data",
@@ -294,3 +300,129 @@ def test_warmup_file_holds_real_requests_and_replays(published, loaded, tiny_dat
         task = metadata.tasks[0]
         np.testing.assert_allclose(chunk[S.classify_signature(task)][S.CLASSIFY_SCORES][:, 1],
                                    chunk[S.SERVING_DEFAULT][task], atol=TOL)
+
+
+# ---- remote base paths (gs:// in production; TensorFlow's in-memory ram:// filesystem here) ----
+def _remote_files(folder, relative_paths):
+    """relative path -> size of those of `relative_paths` that exist under a tf.io.gfile folder
+    (named one by one: the ram:// filesystem lists `assets.extra` inside `assets`)."""
+    import tensorflow as tf
+
+    return {rel: tf.io.gfile.stat(f"{folder}/{rel}").length for rel in relative_paths
+            if tf.io.gfile.exists(f"{folder}/{rel}")}
+
+
+def _model_root_view(model_root, relative_paths):
+    """Child folder of the model root -> its files among `relative_paths`, with sizes."""
+    import tensorflow as tf
+
+    return {child.rstrip("/"): _remote_files(f"{model_root}/{child.rstrip('/')}", relative_paths)
+            for child in tf.io.gfile.listdir(model_root)}
+
+
+def _record_every_copy(monkeypatch, model_root, relative_paths, interrupt_at=None):
+    """After each file copy, the model root as a server polling it would see it; raises
+    KeyboardInterrupt instead of the copy for which `interrupt_at(destination)` is true."""
+    snapshots, copy = [], E._copy_file
+
+    def recording_copy(source, destination):
+        if interrupt_at is not None and interrupt_at(destination):
+            raise KeyboardInterrupt
+        copy(source, destination)
+        snapshots.append(_model_root_view(model_root, relative_paths))
+
+    monkeypatch.setattr(E, "_copy_file", recording_copy)
+    return snapshots
+
+
+def _staged_version(local_version_dir, parent):
+    """A copy of a published local version as the export stages it (no marker yet)."""
+    staging = os.path.join(parent, f"{E.TMP_PREFIX}1-test")
+    shutil.copytree(local_version_dir, staging)
+    os.remove(os.path.join(staging, E.COMPLETION_MARKER))
+    return staging
+
+
+def test_a_remote_base_path_publishes_a_loadable_version_that_is_never_seen_half_copied(
+        published, trained_model, loaded, tiny_dataset, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    metadata = F.DatasetMetadata.load(tiny_dataset)
+    base = f"ram://exports-{uuid.uuid4().hex}/models"
+    model_root = base + "/qin"
+    expected_files = E.staged_files(_staged_version(published[1]["export_dir"], tmp_path))
+    snapshots = _record_every_copy(monkeypatch, model_root,
+                                   expected_files + [E.COMPLETION_MARKER])
+    summary = E.export_model(trained_model, metadata, base, "qin",
+                             sample_requests=_test_requests(tiny_dataset, WARMUP_REQUESTS),
+                             warmup_requests=WARMUP_REQUESTS, verify=True, log=lambda _: None)
+    final_dir = model_root + "/1"
+    assert summary["version"] == 1 and summary["export_dir"] == final_dir
+    assert summary["verification"]["max_abs_difference"] <= TOL  # verified before the upload
+    # The upload went to a non-numeric folder; the version folder is all that remains.
+    assert tf.io.gfile.listdir(model_root) == ["1"] and E.numeric_versions(model_root) == [1]
+    marker = E.read_completion_marker(final_dir)
+    assert marker["version"] == 1 and marker["model_name"] == "qin"
+    assert sorted(marker["files"]) == sorted(expected_files)
+    assert _remote_files(final_dir, expected_files) == marker["files"]
+    assert len(snapshots) == 2 * len(expected_files)  # the upload, then the copy to "1"
+    for number, snapshot in enumerate(snapshots):
+        numeric = {name: files for name, files in snapshot.items() if name.isdigit()}
+        (staged,) = [files for name, files in snapshot.items() if name.startswith(E.TMP_PREFIX)]
+        assert not any(E.COMPLETION_MARKER in files for files in snapshot.values()), \
+            "the completion marker must be written last"
+        if number < len(expected_files):
+            assert not numeric, f"a version folder appeared during the upload: {numeric}"
+            continue
+        assert staged == marker["files"], "the copy to the version starts after a full upload"
+        assert list(numeric) == ["1"]
+        if S.SAVED_MODEL_FILE in numeric["1"]:  # loadable only once every file is whole
+            assert numeric["1"] == marker["files"]
+    # The published version loads from the remote filesystem and scores like the local one.
+    remote = tf.saved_model.load(final_dir)
+    calls = W.warmup_calls(W.read_warmup(final_dir))
+    assert {name for name, _ in calls} == set(S.signature_names(metadata.tasks))
+    for name, inputs in calls:
+        tensors = {k: tf.constant(v) for k, v in inputs.items()}
+        got, want = remote.signatures[name](**tensors), loaded.signatures[name](**tensors)
+        for key, value in want.items():
+            if value.dtype != tf.string:
+                np.testing.assert_allclose(got[key].numpy(), value.numpy(), atol=TOL)
+
+
+@pytest.mark.parametrize("phase", ["upload", "version copy"])
+def test_an_interrupted_remote_publish_leaves_no_version_and_no_temporary_folder(
+        published, tmp_path, monkeypatch, phase):
+    import tensorflow as tf
+
+    staging = _staged_version(published[1]["export_dir"], str(tmp_path))
+    model_root = f"ram://interrupted-{uuid.uuid4().hex}/models/qin"
+    files = E.staged_files(staging)
+    assert files[-1] == S.SAVED_MODEL_FILE  # copied last
+
+    seen = []
+
+    def second_copy_of_phase(destination):
+        in_version = destination.startswith(model_root + "/1/")
+        if in_version == (phase == "version copy"):
+            seen.append(destination)
+        return len(seen) == 2
+
+    snapshots = _record_every_copy(monkeypatch, model_root, files, second_copy_of_phase)
+    with pytest.raises(KeyboardInterrupt):
+        E.publish_remote(staging, model_root, model_root + "/1", 1, "qin", log=lambda _: None)
+    if phase == "version copy":  # the version folder had started to fill in
+        assert snapshots[-1]["1"] and S.SAVED_MODEL_FILE not in snapshots[-1]["1"]
+    else:
+        assert snapshots and not any(name.isdigit() for s in snapshots for name in s)
+    assert tf.io.gfile.listdir(model_root) == []
+    assert E.numeric_versions(model_root) == [] and E.next_version(model_root) == 1
+
+
+def test_cli_names_a_remote_filesystem_it_cannot_reach_before_loading(
+        model_dir, tiny_dataset, monkeypatch, capsys):
+    monkeypatch.setattr(E.signal, "signal", lambda *args: None)  # keep pytest's handlers
+    code = E.main(["--model-dir", model_dir, "--data", tiny_dataset,
+                   "--base-path", "nosuchfs://bucket/models"])
+    assert code == 2
+    assert "nosuchfs://bucket/models" in capsys.readouterr().err
