@@ -1,30 +1,42 @@
 """Compiles the QIN pipeline to the IR YAML that Vertex AI Pipelines and Kubeflow run.
 
     python -m pipelines.compile --output pipelines/qin_pipeline.yaml
+
+The container images are read from the environment when the pipeline is imported:
+QIN_PIPELINE_IMAGE (every step but training; the root Dockerfile) and QIN_TRAINER_IMAGE (the
+GPU train step; docker/trainer.Dockerfile). KFP is imported only after the arguments are
+parsed, so `--help` answers at once.
 """
 import argparse
 import sys
-
-from kfp import compiler
-
-from pipelines.pipeline import qin_pipeline
 
 DEFAULT_OUTPUT = "pipelines/qin_pipeline.yaml"
 
 
 def compile_pipeline(output: str) -> str:
+    from kfp import compiler
+
+    from pipelines.pipeline import qin_pipeline
+
     compiler.Compiler().compile(pipeline_func=qin_pipeline, package_path=output)
     return output
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Write the pipeline YAML for Vertex AI Pipelines / Kubeflow. The container "
-                    "image comes from the QIN_PIPELINE_IMAGE environment variable "
-                    "(default qin-search:latest).")
+        prog="python -m pipelines.compile",
+        description="Write the pipeline YAML for Vertex AI Pipelines / Kubeflow. Container "
+                    "images come from the environment: QIN_PIPELINE_IMAGE for every step but "
+                    "training (default qin-search:latest, built from the root Dockerfile) and "
+                    "QIN_TRAINER_IMAGE for the GPU train step (default qin-search-trainer:latest, "
+                    "built from docker/trainer.Dockerfile).")
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
-                        help=f"where to write the YAML (default {DEFAULT_OUTPUT})")
-    args = parser.parse_args(argv)
+                        help=f"where to write the YAML (default: {DEFAULT_OUTPUT})")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     print(compile_pipeline(args.output))
     return 0
 

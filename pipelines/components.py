@@ -4,18 +4,24 @@ container, so no logic lives here and a step behaves exactly as it does from a s
 
 Lightweight components must be self-contained (KFP serialises the function body), hence the
 imports inside each function and the small `_run` helper repeated as a nested function.
-The container image is the project image built from requirements.txt (see README,
-"Running on Vertex AI Pipelines"); set QIN_PIPELINE_IMAGE before compiling to change it.
+Two container images (see README, "On Vertex AI Pipelines"): the train step runs on the GPU
+image of docker/trainer.Dockerfile (QIN_TRAINER_IMAGE), every other step on the CPU image of
+the root Dockerfile (QIN_PIPELINE_IMAGE); set them before compiling.
 """
 import os
 from kfp import dsl
 
 PIPELINE_IMAGE = os.environ.get("QIN_PIPELINE_IMAGE", "qin-search:latest")
+TRAINER_IMAGE = os.environ.get("QIN_TRAINER_IMAGE", "qin-search-trainer:latest")
 
 
-def _component(func):
+def _component(func, image=PIPELINE_IMAGE):
     # No pip install per step: the image (or the local environment) already has the project.
-    return dsl.component(base_image=PIPELINE_IMAGE, install_kfp_package=False)(func)
+    return dsl.component(base_image=image, install_kfp_package=False)(func)
+
+
+def _gpu_component(func):
+    return _component(func, image=TRAINER_IMAGE)
 
 
 @_component
@@ -67,7 +73,7 @@ def preprocess(raw_uri: str, input_format: str, long_term_length: int, real_time
     data.metadata.update({k: v for k, v in stats.items() if isinstance(v, (int, float, str))})
 
 
-@_component
+@_gpu_component
 def train(data: dsl.Input[dsl.Dataset], model_preset: str, config_json: str, epochs: int,
           batch_size: int, seed: int, model: dsl.Output[dsl.Model]):
     """Trains one model preset; checkpoints make a retried step resume, not restart."""

@@ -15,7 +15,8 @@ COMMITTED_YAML = os.path.join(REPO, "pipelines", "qin_pipeline.yaml")
 
 def _env():
     env = dict(os.environ)
-    env.pop("QIN_PIPELINE_IMAGE", None)  # the committed YAML uses the default image name
+    for variable in ("QIN_PIPELINE_IMAGE", "QIN_TRAINER_IMAGE"):
+        env.pop(variable, None)  # the committed YAML uses the default image names
     env["PYTHONPATH"] = REPO
     return env
 
@@ -44,6 +45,11 @@ def test_compiled_yaml_matches_the_committed_one(tmp_path):
     executors = spec["deploymentSpec"]["executors"]
     train = [e for name, e in executors.items() if "train" in name][0]["container"]
     assert train["resources"]["accelerator"]["count"] == "1"
+    # The GPU step runs on the GPU image (docker/trainer.Dockerfile), the others on the CPU one.
+    images = {name: e["container"]["image"] for name, e in executors.items()}
+    assert train["image"] == "qin-search-trainer:latest"
+    assert {image for name, image in images.items() if "train" not in name} == {
+        "qin-search:latest"}
 
 
 def _run_local(tmp_path, name, *flags):
