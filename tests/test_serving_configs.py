@@ -45,15 +45,61 @@ def container_args():
     return container, dict(a.lstrip("-").split("=", 1) for a in container["args"])
 
 
-def test_models_config_labels_point_at_served_versions():
+def canary_example():
+    """The commented canary block of models.config, uncommented and merged into its model."""
+    lines = read("models.config").splitlines()
+    begin, end = lines.index("# BEGIN canary example"), lines.index("# END canary example")
+    snippet = "\n".join(line[2:] for line in lines[begin + 1:end])
+    example = text_format.Parse(snippet, model_server_config_pb2.ModelConfig())
     config = model_server_config()
     (model,) = config.model_config_list.config
+    model.ClearField("model_version_policy")
+    model.MergeFrom(example)
+    return config
+
+
+def versions_served(model, on_disk):
+    """The versions TF Serving's version policy loads from the numeric folders on disk."""
+    policy = model.model_version_policy.WhichOneof("policy_choice") or "latest"
+    if policy == "all":
+        return set(on_disk)
+    if policy == "specific":
+        return set(model.model_version_policy.specific.versions) & set(on_disk)
+    count = model.model_version_policy.latest.num_versions or 1
+    return set(sorted(on_disk)[-count:])
+
+
+def test_models_config_serves_a_first_export():
+    (model,) = model_server_config().model_config_list.config
     assert model.name == "qin" and model.model_platform == "tensorflow"
     assert model.base_path.startswith("/models/")
-    served = set(model.model_version_policy.specific.versions)
+    first_export = {1}  # `python -m serving.export` numbers the first version 1
+    assert versions_served(model, first_export) == {1}
+    # A pinned version or a label that names a version the first export lacks fails to load.
+    if model.model_version_policy.HasField("specific"):
+        assert set(model.model_version_policy.specific.versions) <= first_export
+    assert set(dict(model.version_labels).values()) <= first_export, \
+        "a label points at a version a first export does not have"
+    # Later exports are served too (the release gate's export is the rollout).
+    assert versions_served(model, {1, 2}) == {2}
+
+
+def test_versions_served_follows_each_policy():
+    config = model_server_config_pb2.ModelConfig()
+    assert versions_served(config, {1, 3}) == {3}  # TF Serving's default: the latest
+    config.model_version_policy.specific.versions.extend([1, 2])
+    assert versions_served(config, {1, 3}) == {1}
+    config.model_version_policy.all.SetInParent()
+    assert versions_served(config, {1, 3}) == {1, 3}
+
+
+def test_the_commented_canary_example_is_a_valid_release_config():
+    (model,) = canary_example().model_config_list.config
     labels = dict(model.version_labels)
-    assert {"stable", "canary"} <= set(labels)
-    assert set(labels.values()) <= served, "a label points at a version that is not served"
+    assert labels == {"stable": 1, "canary": 2}
+    served = versions_served(model, {1, 2})
+    assert served == {1, 2} and set(labels.values()) <= served
+    assert (model.name, model.base_path) == ("qin", "/models/qin")
 
 
 def test_batching_parameters_are_valid_for_tf_serving():
@@ -122,14 +168,15 @@ def test_readiness_probe_command_reads_model_status(state, ready):
         httpd.shutdown()
 
 
-def test_our_server_runs_the_production_model_config(tmp_path):
+def _serve(config, versions, tmp_path):
+    """Our server on `config` (its base path moved to tmp_path) with toy `versions` on disk."""
     base = tmp_path / "qin"
-    for version in (1, 2):
+    for version in versions:
         export_toy_model(str(base / str(version)), float(version))
-    text = read("models.config")
-    (model,) = model_server_config().model_config_list.config
+    (model,) = config.model_config_list.config
+    model.base_path = str(base)
     config_file = tmp_path / "models.config"
-    config_file.write_text(text.replace(model.base_path, str(base)))
+    config_file.write_text(text_format.MessageToString(config))
     batching_file = os.path.join(CONFIGS, "batching_parameters.txt")
     args = server_lib.build_parser().parse_args(
         ["--model-config-file", str(config_file), "--batching-parameters-file", batching_file,
@@ -140,15 +187,35 @@ def test_our_server_runs_the_production_model_config(tmp_path):
     assert options.batching.max_batch_size == 16
     srv = server_lib.ModelServer(options)
     srv.start()
+    return srv
+
+
+def _served_version(stub, label=None):
+    response = stub.Predict(predict_request("qin", np.ones((1, 4)), [1], label=label),
+                            timeout=30)
+    assert tf.make_ndarray(response.outputs["version"])[0] == float(
+        response.model_spec.version.value)
+    return response.model_spec.version.value
+
+
+def test_our_server_runs_the_shipped_model_config_on_a_first_export(tmp_path):
+    srv = _serve(model_server_config(), [1], tmp_path)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        labels = dict(model.version_labels)
-        for label, version in labels.items():
-            response = stub.Predict(predict_request("qin", np.ones((1, 4)), [1], label=label),
-                                    timeout=30)
-            assert response.model_spec.version.value == version
-            assert tf.make_ndarray(response.outputs["version"])[0] == float(version)
-        channel.close()
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            assert _served_version(stub) == 1
+    finally:
+        srv.stop(1)
+
+
+def test_our_server_runs_the_canary_example_on_two_versions(tmp_path):
+    config = canary_example()
+    srv = _serve(config, [1, 2], tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for label, version in dict(config.model_config_list.config[0].version_labels).items():
+                assert _served_version(stub, label) == version
+            assert _served_version(stub) == 2  # no label: the newest loaded version
     finally:
         srv.stop(1)
