@@ -304,7 +304,8 @@ def test_message_size_limit_and_no_model_loaded(tmp_path, base_path):
     empty.mkdir()
     srv = ModelServer(ServerOptions([model_config(MODEL, base_path),
                                      model_config("later", str(empty))], port=0,
-                                    poll_wait_seconds=0, max_message_bytes=64 * 1024))
+                                    poll_wait_seconds=0, max_message_bytes=64 * 1024,
+                                    serve_before_models_load=True))
     srv.start()
     try:
         ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")

@@ -14,6 +14,12 @@ for the next batch. When `allowed_batch_sizes` is set the batch is padded up to 
 size by repeating its first row (as TF Serving does) and the padding is cut off the outputs.
 `pad_variable_length_inputs` is not supported (tasks with different inner shapes run in separate
 batches instead), and a task larger than `max_batch_size` runs alone rather than being split.
+
+Requests are validated against the signature before they join a queue (serving.model_server.
+server), and a merged batch that still fails (e.g. one request's tf.Example misses a feature
+the model parses) is split in halves and re-run until the failing requests are alone, so one bad
+request never fails its neighbours. The queue holds at most `max_enqueued_batches` batches worth
+of rows; beyond that a request is refused at once with UNAVAILABLE, as TF Serving does.
 """
 from __future__ import annotations
 
@@ -149,20 +155,21 @@ def _signature_of(inputs: Mapping[str, np.ndarray]):
 
 
 class _Task:
-    __slots__ = ("inputs", "rows", "key", "future", "enqueued")
+    __slots__ = ("inputs", "rows", "key", "future", "enqueued", "cost")
 
-    def __init__(self, inputs, rows, key):
+    def __init__(self, inputs, rows, key, cost):
         self.inputs, self.rows, self.key = inputs, rows, key
         self.future: Future = Future()
         self.enqueued = time.monotonic()
+        self.cost = cost  # queue capacity (in rows) the task takes until a batch thread has it
 
 
 class Batcher:
     """Merges concurrent calls of one function along dimension 0 (see module docstring).
 
     `run` takes a dict of arrays with a common dimension 0 and returns a dict of arrays whose
-    dimension 0 is the total row count. Counters (`batches_run`, `tasks_run`) are kept for
-    monitoring and tests.
+    dimension 0 is the total row count. Counters (`batches_run`, `tasks_run`, `batches_split`
+    after a failure, `tasks_refused` for a full queue) are kept for monitoring and tests.
     """
 
     def __init__(self, run: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]],
@@ -171,6 +178,7 @@ class Batcher:
         self.options = options
         self.name = name
         self._queue: "collections.deque[_Task]" = collections.deque()
+        self._queued_rows = 0
         self._cv = threading.Condition()
         self._closed = False
         # One batch is open (being filled) at a time, as in TF Serving's batch scheduler;
@@ -178,6 +186,8 @@ class Batcher:
         self._forming = threading.Lock()
         self.batches_run = 0
         self.tasks_run = 0
+        self.batches_split = 0
+        self.tasks_refused = 0
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(options.num_batch_threads)]
         for t in self._threads:
@@ -191,16 +201,23 @@ class Batcher:
             rows_count, key = None, ("unbatchable", id(inputs))
         else:
             rows_count, key = rows.pop(), _signature_of(inputs)
-        task = _Task(inputs, rows_count, key)
-        max_tasks = self.options.max_enqueued_batches * self.options.max_batch_size
+        size = self.options.max_batch_size
+        # Queue capacity a task takes: its rows rounded up to whole batches when it runs alone.
+        cost = size if rows_count is None else \
+            (rows_count if rows_count < size else -(-rows_count // size) * size)
+        task = _Task(inputs, rows_count, key, cost)
+        capacity = self.options.max_enqueued_batches * size
         with self._cv:
             if self._closed:
                 raise errors.unavailable(f"{self.name} is shutting down")
-            if len(self._queue) >= max_tasks:
+            if self._queue and self._queued_rows + cost > capacity:
+                self.tasks_refused += 1
                 raise errors.unavailable(
-                    f"batching queue of {self.name} is full ({len(self._queue)} tasks waiting; "
-                    f"max_enqueued_batches={self.options.max_enqueued_batches}); retry later")
+                    f"batching queue of {self.name} is full ({len(self._queue)} requests, "
+                    f"{self._queued_rows} rows waiting; max_enqueued_batches="
+                    f"{self.options.max_enqueued_batches} x max_batch_size={size}); retry later")
             self._queue.append(task)
+            self._queued_rows += cost
             self._cv.notify()
         return task.future
 
@@ -229,6 +246,7 @@ class Batcher:
                     return None
                 self._cv.wait(0.5)
             first = self._queue.popleft()
+            self._queued_rows -= first.cost
             batch, rows = [first], first.rows
             if first.rows is None or first.rows >= self.options.max_batch_size:
                 return batch
@@ -242,6 +260,7 @@ class Batcher:
                             rows + task.rows <= self.options.max_batch_size):
                         batch.append(task)
                         rows += task.rows
+                        self._queued_rows -= task.cost
                     else:
                         kept.append(task)
                 self._queue.extendleft(reversed(kept))
@@ -259,37 +278,58 @@ class Batcher:
 
     def _execute(self, batch: List[_Task]) -> None:
         try:
-            if len(batch) == 1 and (batch[0].rows is None or not self.options.allowed_batch_sizes):
-                outputs = self._run(batch[0].inputs)
-                self._count(1)
-                batch[0].future.set_result(outputs)
-                return
-            sizes = [t.rows for t in batch]
-            total = sum(sizes)
-            padded = total
-            if self.options.allowed_batch_sizes and batch[0].rows is not None:
-                padded = next((s for s in self.options.allowed_batch_sizes if s >= total), total)
-            merged = {}
-            for name in batch[0].inputs:
-                parts = [t.inputs[name] for t in batch]
-                if padded > total:
-                    parts.append(np.repeat(parts[0][:1], padded - total, axis=0))
-                merged[name] = np.concatenate(parts, axis=0)
-            outputs = self._run(merged)
-            self._count(len(batch))
-            bad = [k for k, v in outputs.items() if np.ndim(v) == 0 or v.shape[0] != padded]
-            if bad:
-                raise errors.internal(
-                    f"outputs {bad} of a batched signature do not have the batch size {padded} "
-                    "as dimension 0; disable batching for this model")
-            start = 0
-            for task, size in zip(batch, sizes):
-                task.future.set_result({k: v[start:start + size] for k, v in outputs.items()})
-                start += size
+            results = self._run_batch(batch)
+        except Exception as exc:
+            if len(batch) > 1:
+                # Someone in the batch made it fail: re-run the halves so that only the
+                # requests that fail on their own get the error.
+                with self._cv:
+                    self.batches_split += 1
+                log.info("%s: a batch of %d requests failed (%s); re-running its halves",
+                         self.name, len(batch), exc)
+                middle = len(batch) // 2
+                self._execute(batch[:middle])
+                self._execute(batch[middle:])
+            else:
+                batch[0].future.set_exception(exc)
+            return
         except BaseException as exc:  # every waiting request gets the error, the thread lives
             for task in batch:
                 if not task.future.done():
                     task.future.set_exception(exc)
+            return
+        for task, outputs in zip(batch, results):
+            task.future.set_result(outputs)
+
+    def _run_batch(self, batch: List[_Task]) -> List[Dict[str, np.ndarray]]:
+        """Runs the tasks as one merged call; the outputs of each task, in order."""
+        if len(batch) == 1 and (batch[0].rows is None or not self.options.allowed_batch_sizes):
+            outputs = self._run(batch[0].inputs)
+            self._count(1)
+            return [outputs]
+        sizes = [t.rows for t in batch]
+        total = sum(sizes)
+        padded = total
+        if self.options.allowed_batch_sizes and batch[0].rows is not None:
+            padded = next((s for s in self.options.allowed_batch_sizes if s >= total), total)
+        merged = {}
+        for name in batch[0].inputs:
+            parts = [t.inputs[name] for t in batch]
+            if padded > total:
+                parts.append(np.repeat(parts[0][:1], padded - total, axis=0))
+            merged[name] = np.concatenate(parts, axis=0)
+        outputs = self._run(merged)
+        self._count(len(batch))
+        bad = [k for k, v in outputs.items() if np.ndim(v) == 0 or v.shape[0] != padded]
+        if bad:
+            raise errors.internal(
+                f"outputs {bad} of a batched signature do not have the batch size {padded} "
+                "as dimension 0; disable batching for this model")
+        results, start = [], 0
+        for size in sizes:
+            results.append({k: v[start:start + size] for k, v in outputs.items()})
+            start += size
+        return results
 
     def _count(self, tasks: int) -> None:
         with self._cv:

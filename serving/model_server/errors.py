@@ -68,3 +68,7 @@ def from_exception(exc: BaseException) -> ServingError:
     if isinstance(exc, (ValueError, TypeError)):
         return invalid_argument(str(exc))
     return internal(f"{type(exc).__name__}: {exc}")
+
+
+def permission_denied(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.PERMISSION_DENIED, message)

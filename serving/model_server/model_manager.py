@@ -10,7 +10,10 @@ One `ModelManager` serves the models of a `ModelServerConfig` (tensorflow_servin
   versions are unloaded only afterwards, so requests never see a gap.
 * A version that fails to load is recorded (state END with the error, visible through
   GetModelStatus), logged, and skipped by the policy: the latest *working* versions stay in
-  service. It is retried only when its files change.
+  service. The policy then picks the next older version within the same poll, so a restart
+  (after kill -9, say) next to several broken newer versions serves the newest loadable one
+  after one poll, not one broken version per poll. A failed version is retried when any of its
+  files changes (its list of files with their sizes and modification times).
 * Requests take a reference on the version they run on (`acquire`), so unloading never fails a
   request in flight; a version's batchers are closed after its last request finished.
 * `version_labels` map names (stable, canary) to versions and are resolved per request.
@@ -169,19 +172,33 @@ class ServableVersion:
 
 
 def _fingerprint(path: str) -> Tuple:
-    """Changes whenever the files that matter for loading change (to retry a broken version)."""
+    """Changes whenever any file of a version changes (to retry a broken version): every file
+    with its size and modification time (nanoseconds where the file system has them)."""
     import tensorflow as tf
 
     out = []
-    for rel in ("saved_model.pb", "saved_model.pbtxt", os.path.join("variables",
-                                                                    "variables.index")):
-        p = os.path.join(path, rel)
-        try:
-            st = tf.io.gfile.stat(p)
-            out.append((rel, st.length, st.mtime_nsec))
-        except tf.errors.NotFoundError:
-            out.append((rel, None, None))
-    return tuple(out)
+    if "://" not in path:  # local: os.stat has nanosecond mtimes, gfile only whole seconds
+        for dirpath, _, files in os.walk(path):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                out.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
+        return tuple(sorted(out))
+    try:
+        for dirpath, _, files in tf.io.gfile.walk(path):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                try:
+                    st = tf.io.gfile.stat(p)
+                except tf.errors.NotFoundError:
+                    continue
+                out.append((p[len(path):], st.length, st.mtime_nsec))
+    except tf.errors.OpError:
+        pass
+    return tuple(sorted(out))
 
 
 class _Model:
@@ -191,6 +208,9 @@ class _Model:
         self.status: Dict[int, VersionStatus] = {}
         self.failed: Dict[int, Tuple] = {}  # version -> fingerprint at failure
         self.ignored_names: set = set()
+        # Versions still served from a previous base_path: reloaded from the new one, then
+        # swapped in, so a base_path change never leaves the model without a version.
+        self.stale: set = set()
 
     @property
     def name(self) -> str:
@@ -262,7 +282,12 @@ class ModelManager:
                         self._retire(model, v)
             for c in configs:
                 if c.name in self._models:
-                    self._models[c.name].config = c
+                    model = self._models[c.name]
+                    if model.config.base_path != c.base_path:
+                        model.stale = set(model.versions)
+                        model.failed.clear()
+                        model.ignored_names.clear()
+                    model.config = c
                 else:
                     self._models[c.name] = _Model(c)
 
@@ -331,13 +356,15 @@ class ModelManager:
         for v, fp in list(model.failed.items()):
             if v not in on_disk or _fingerprint(on_disk[v]) != fp:
                 del model.failed[v]  # files changed or removed: may be retried
-        loadable = [v for v in on_disk if v not in model.failed]
-        wanted = select_versions(model.config, loadable)
-        for v in wanted:  # newest first
-            if v in model.versions:
-                continue
+        while not self._stop.is_set():
+            # When a load fails, the policy picks the next older loadable version right away.
+            loadable = [v for v in on_disk if v not in model.failed]
+            missing = [v for v in select_versions(model.config, loadable)
+                       if v not in model.versions or v in model.stale]
+            if not missing:
+                break
             changed = True
-            self._load(model, v, on_disk[v])
+            self._load(model, missing[0], on_disk[missing[0]])  # newest first
         # Re-select: a failed load above must not make us unload the version it would replace.
         loadable = [v for v in on_disk if v not in model.failed]
         wanted = set(select_versions(model.config, loadable))
@@ -370,6 +397,10 @@ class ModelManager:
                 model.status[version] = VersionStatus(END, err.code.value[0], message)
             return
         with self._lock:
+            replaced = model.versions.get(version)
+            if replaced is not None:  # same number from the previous base_path
+                self._retired.append(replaced)
+            model.stale.discard(version)
             model.versions[version] = servable
             model.status[version] = VersionStatus(AVAILABLE)
         log.info("model '%s': version %d available (%.1fs, %d warmup requests)", model.name,

@@ -20,9 +20,10 @@ SIGTERM/SIGINT drain: health turns NOT_SERVING, new RPCs are refused, in-flight 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
+import os
+import posixpath
 import signal
 import sys
 import threading
@@ -36,6 +37,9 @@ import numpy as np
 
 from serving.model_server import errors
 from serving.model_server.batching import BatchingOptions, load_batching_options
+from serving.model_server.flags import (DEFAULT_LAME_DUCK_SECONDS, DEFAULT_MAX_BATCH_ROWS,
+                                        DEFAULT_MAX_BROADCAST_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
+                                        DEFAULT_MAX_REQUEST_ELEMENTS, build_parser)
 from serving.model_server.model_manager import (DEFAULT_SIGNATURE, ModelManager,
                                                 ServableVersion, Signature)
 
@@ -45,35 +49,102 @@ CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 EXAMPLE_INPUT_KEY = "inputs"  # TF Serving: Classify/Regress feed serialized tf.Examples here
 CLASSES_KEY, SCORES_KEY, REGRESS_OUTPUT_KEY = "classes", "scores", "outputs"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_REQUEST_ELEMENTS = 50_000_000
-DEFAULT_MAX_BATCH_ROWS = 100_000
+# Decoded bytes a request may take, per byte of the largest message the server accepts.
+DECODED_BYTES_PER_MESSAGE_BYTE = 2
+# What one decoded string element costs beyond its bytes (NumPy reference + TF string header).
+STRING_ELEMENT_OVERHEAD_BYTES = 32
+
+# TensorProto field holding the values of each dtype (by TensorFlow dtype name) and how many
+# field entries make one element.
+_VALUE_FIELDS = {
+    "float32": ("float_val", 1), "float64": ("double_val", 1), "int64": ("int64_val", 1),
+    "uint32": ("uint32_val", 1), "uint64": ("uint64_val", 1), "bool": ("bool_val", 1),
+    "string": ("string_val", 1), "float16": ("half_val", 1), "bfloat16": ("half_val", 1),
+    "complex64": ("scomplex_val", 2), "complex128": ("dcomplex_val", 2),
+    **{name: ("int_val", 1) for name in ("int32", "int16", "int8", "uint8", "uint16", "qint8",
+                                         "quint8", "qint16", "quint16", "qint32")},
+}
 
 
-# ---- tensors ------------------------------------------------------------------------------------
+class DeclaredTensor:
+    """What a TensorProto will cost once decoded, computed from its declared shape and the
+    values it actually carries, before anything is allocated."""
+
+    def __init__(self, name: str, proto, spec):
+        import tensorflow as tf
+
+        self.name, self.proto = name, proto
+        if proto.dtype != spec.dtype_enum:
+            got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
+            raise errors.invalid_argument(
+                f"input '{name}' has dtype {got}, expected {spec.describe()}")
+        if proto.tensor_shape.unknown_rank:
+            raise errors.invalid_argument(f"input '{name}' has no shape (unknown rank)")
+        self.shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+        if any(d < 0 for d in self.shape):
+            raise errors.invalid_argument(
+                f"input '{name}' declares a negative dimension: {list(self.shape)}")
+        if spec.shape is not None:
+            ok = len(self.shape) == len(spec.shape) and all(
+                e < 0 or e == g for e, g in zip(spec.shape, self.shape))
+            if not ok:
+                raise errors.invalid_argument(
+                    f"input '{name}' has shape {list(self.shape)}, expected {spec.describe()}")
+        self.elements = math.prod(self.shape)  # Python int: no overflow on hostile shapes
+        dtype_name = tf.dtypes.as_dtype(proto.dtype).name
+        if dtype_name not in _VALUE_FIELDS:
+            raise errors.invalid_argument(
+                f"input '{name}': dtype {dtype_name} cannot be sent in a request")
+        field, per_element = _VALUE_FIELDS[dtype_name]
+        if dtype_name == "string":
+            values = proto.string_val
+            present = len(values)
+            missing = max(0, self.elements - present)
+            last = len(values[-1]) if present else 0
+            self.bytes = (sum(len(v) for v in values) + missing * last
+                          + self.elements * STRING_ELEMENT_OVERHEAD_BYTES)
+            self.broadcast_bytes = missing * (last + STRING_ELEMENT_OVERHEAD_BYTES)
+        else:
+            itemsize = np.dtype(tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype).itemsize
+            self.bytes = self.elements * itemsize
+            if proto.tensor_content:
+                if len(proto.tensor_content) != self.bytes:
+                    raise errors.invalid_argument(
+                        f"input '{name}' declares shape {list(self.shape)} ({self.bytes} bytes "
+                        f"of {dtype_name}) but its tensor_content has "
+                        f"{len(proto.tensor_content)} bytes")
+                present = self.elements
+            else:
+                entries = len(getattr(proto, field))
+                if entries % per_element:
+                    raise errors.invalid_argument(
+                        f"input '{name}': {field} has {entries} entries, not a multiple of "
+                        f"{per_element}")
+                present = entries // per_element
+            missing = max(0, self.elements - present)
+            self.broadcast_bytes = missing * itemsize
+        if present > self.elements:
+            raise errors.invalid_argument(
+                f"input '{name}' holds {present} values for shape {list(self.shape)} "
+                f"({self.elements} elements)")
+
+    def decode(self) -> np.ndarray:
+        import tensorflow as tf
+
+        try:
+            array = tf.make_ndarray(self.proto)
+        except Exception as exc:
+            raise errors.invalid_argument(
+                f"input '{self.name}': malformed TensorProto ({exc})") from exc
+        if array.shape != self.shape:
+            raise errors.invalid_argument(
+                f"input '{self.name}' holds {array.size} values for shape {list(self.shape)}")
+        return array
+
+
 def tensor_from_proto(name: str, proto, spec) -> np.ndarray:
     """TensorProto -> NumPy, checked against the signature's declared dtype and shape."""
-    import tensorflow as tf
-
-    if proto.dtype != spec.dtype_enum:
-        got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
-        raise errors.invalid_argument(
-            f"input '{name}' has dtype {got}, expected {spec.describe()}")
-    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
-    if spec.shape is not None:
-        ok = len(shape) == len(spec.shape) and all(
-            e < 0 or e == g for e, g in zip(spec.shape, shape))
-        if not ok:
-            raise errors.invalid_argument(
-                f"input '{name}' has shape {list(shape)}, expected {spec.describe()}")
-    try:
-        array = tf.make_ndarray(proto)
-    except Exception as exc:
-        raise errors.invalid_argument(f"input '{name}': malformed TensorProto ({exc})") from exc
-    if array.shape != shape:
-        raise errors.invalid_argument(
-            f"input '{name}' holds {array.size} values for shape {list(shape)}")
-    return array
+    return DeclaredTensor(name, proto, spec).decode()
 
 
 def tensor_to_proto(array: np.ndarray):
@@ -83,25 +154,45 @@ def tensor_to_proto(array: np.ndarray):
 
 
 class ServerOptions:
-    """Everything the server can be configured with (the CLI fills it)."""
+    """Everything the server can be configured with (the CLI fills it).
+
+    `reload_allowed_roots` are folders a HandleReloadConfigRequest base_path may lie in, on top
+    of the base paths of `model_configs` (always allowed, with everything under them).
+    """
 
     def __init__(self, model_configs, host="127.0.0.1", port=8500, enable_batching=True,
                  batching: Optional[BatchingOptions] = None, poll_wait_seconds=1.0,
                  max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                  max_request_elements=DEFAULT_MAX_REQUEST_ELEMENTS,
                  max_batch_rows=DEFAULT_MAX_BATCH_ROWS, reject_non_finite_inputs=True,
-                 grpc_threads=64, drain_seconds=30.0, enable_warmup=True):
+                 grpc_threads=64, drain_seconds=30.0, enable_warmup=True,
+                 max_broadcast_bytes=DEFAULT_MAX_BROADCAST_BYTES,
+                 reject_non_finite_outputs=True, serve_before_models_load=False,
+                 startup_timeout_seconds: Optional[float] = None,
+                 allow_model_config_reload=True, reload_allowed_roots=(),
+                 allow_empty_model_config_reload=False,
+                 lame_duck_seconds=DEFAULT_LAME_DUCK_SECONDS):
         self.model_configs = list(model_configs)
         self.host, self.port = host, port
         self.batching = (batching or BatchingOptions()) if enable_batching else None
         self.poll_wait_seconds = poll_wait_seconds
         self.max_message_bytes = max_message_bytes
+        self.max_decoded_bytes = DECODED_BYTES_PER_MESSAGE_BYTE * max_message_bytes
         self.max_request_elements = max_request_elements
         self.max_batch_rows = max_batch_rows
+        self.max_broadcast_bytes = max_broadcast_bytes
         self.reject_non_finite_inputs = reject_non_finite_inputs
+        self.reject_non_finite_outputs = reject_non_finite_outputs
         self.grpc_threads = grpc_threads
         self.drain_seconds = drain_seconds
         self.enable_warmup = enable_warmup
+        self.serve_before_models_load = serve_before_models_load
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.allow_model_config_reload = allow_model_config_reload
+        self.reload_allowed_roots = [c.base_path for c in self.model_configs] + \
+            [r for r in reload_allowed_roots if r]
+        self.allow_empty_model_config_reload = allow_empty_model_config_reload
+        self.lame_duck_seconds = lame_duck_seconds
 
 
 # ---- request logic (shared by the RPCs and by warmup) --------------------------------------------
@@ -111,17 +202,46 @@ class Inference:
     def __init__(self, options: ServerOptions):
         self.options = options
 
-    def _check_size(self, arrays: Dict[str, np.ndarray]) -> None:
-        elements = sum(int(a.size) for a in arrays.values())
-        if elements > self.options.max_request_elements:
+    def _check_declared_size(self, declared: List[DeclaredTensor]) -> None:
+        """Every limit, on declared shapes, before a single tensor is decoded."""
+        o = self.options
+        elements = sum(t.elements for t in declared)
+        if elements > o.max_request_elements:
             raise errors.invalid_argument(
-                f"request has {elements} tensor elements, more than the server's limit of "
-                f"{self.options.max_request_elements} (--max-request-elements); split it")
-        for name, a in arrays.items():
-            if a.ndim and a.shape[0] > self.options.max_batch_rows:
+                f"request declares {elements} tensor elements, more than the server's limit of "
+                f"{o.max_request_elements} (--max-request-elements); split it")
+        for t in declared:
+            if t.shape and t.shape[0] > o.max_batch_rows:
                 raise errors.invalid_argument(
-                    f"input '{name}' has {a.shape[0]} rows, more than the server's limit of "
-                    f"{self.options.max_batch_rows} (--max-batch-rows)")
+                    f"input '{t.name}' has {t.shape[0]} rows, more than the server's limit of "
+                    f"{o.max_batch_rows} (--max-batch-rows)")
+        expanded = sum(t.broadcast_bytes for t in declared)
+        if expanded > o.max_broadcast_bytes:
+            raise errors.invalid_argument(
+                f"request tensors hold fewer values than their shapes declare; repeating the "
+                f"last value would take {expanded} bytes, more than the server's limit of "
+                f"{o.max_broadcast_bytes} (--max-broadcast-bytes); send every value")
+        decoded = sum(t.bytes for t in declared)
+        if decoded > o.max_decoded_bytes:
+            raise errors.invalid_argument(
+                f"request tensors would take {decoded} bytes once decoded, more than the "
+                f"server's limit of {o.max_decoded_bytes} (twice --grpc-max-message-bytes)")
+
+    def _check_finite_outputs(self, sig: Signature, outputs: Dict[str, np.ndarray],
+                              keys) -> None:
+        """A numeric overflow inside the model must not come back as an OK NaN score."""
+        if not self.options.reject_non_finite_outputs:
+            return
+        for k in keys:
+            a = outputs.get(k)
+            if a is None or a.dtype.kind not in "fc" or not a.size:
+                continue
+            finite = np.isfinite(a)
+            if not finite.all():
+                raise errors.invalid_argument(
+                    f"signature '{sig.name}' computed {int(a.size - finite.sum())} NaN/Inf "
+                    f"values in output '{k}' from these inputs (numeric overflow: check the "
+                    "input magnitudes)")
 
     def predict(self, servable: ServableVersion, request, batch=True):
         from tensorflow_serving.apis import predict_pb2
@@ -144,8 +264,9 @@ class Inference:
             raise errors.invalid_argument(
                 f"output_filter names {unknown}, which signature '{sig.name}' does not output; "
                 f"outputs: {sig.output_keys}")
-        arrays = {k: tensor_from_proto(k, request.inputs[k], sig.inputs[k]) for k in sig.inputs}
-        self._check_size(arrays)
+        declared = [DeclaredTensor(k, request.inputs[k], sig.inputs[k]) for k in sig.inputs]
+        self._check_declared_size(declared)
+        arrays = {t.name: t.decode() for t in declared}
         if self.options.reject_non_finite_inputs:
             for k, a in arrays.items():
                 if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
@@ -154,6 +275,7 @@ class Inference:
                         f"input '{k}' contains {bad} NaN/Inf values; the server rejects "
                         "non-finite inputs (--allow-non-finite-inputs to pass them through)")
         outputs = sig.run(arrays, batch=batch)
+        self._check_finite_outputs(sig, outputs, wanted or sig.output_keys)
         response = predict_pb2.PredictResponse()
         self._fill_spec(response.model_spec, servable, sig.name)
         for k in (wanted or sig.output_keys):
@@ -170,23 +292,29 @@ class Inference:
     def _serialized_examples(self, input_proto) -> np.ndarray:
         kind = input_proto.WhichOneof("kind")
         if kind == "example_list":
-            examples = [e.SerializeToString() for e in input_proto.example_list.examples]
+            listed, ctx = input_proto.example_list.examples, b""
         elif kind == "example_list_with_context":
+            listed = input_proto.example_list_with_context.examples
             ctx = input_proto.example_list_with_context.context.SerializeToString()
-            # Concatenated serialized messages parse as their merge, the example's own
-            # features winning over the context's: exactly what TF Serving does.
-            examples = [ctx + e.SerializeToString()
-                        for e in input_proto.example_list_with_context.examples]
         else:
             raise errors.invalid_argument(
                 "Input is empty: set input.example_list or input.example_list_with_context")
-        if not examples:
+        if not listed:
             raise errors.invalid_argument("Input has no examples")
-        if len(examples) > self.options.max_batch_rows:
+        if len(listed) > self.options.max_batch_rows:
             raise errors.invalid_argument(
-                f"Input has {len(examples)} examples, more than the server's limit of "
+                f"Input has {len(listed)} examples, more than the server's limit of "
                 f"{self.options.max_batch_rows} (--max-batch-rows)")
-        return np.array(examples, dtype=object)
+        # The context is copied into every example: a small message could claim a lot.
+        decoded = sum(e.ByteSize() + len(ctx) + STRING_ELEMENT_OVERHEAD_BYTES for e in listed)
+        if decoded > self.options.max_decoded_bytes:
+            raise errors.invalid_argument(
+                f"Input would take {decoded} bytes once the context is merged into its "
+                f"{len(listed)} examples, more than the server's limit of "
+                f"{self.options.max_decoded_bytes} (twice --grpc-max-message-bytes)")
+        # Concatenated serialized messages parse as their merge, the example's own features
+        # winning over the context's: exactly what TF Serving does.
+        return np.array([ctx + e.SerializeToString() for e in listed], dtype=object)
 
     def _run_examples(self, sig: Signature, examples: np.ndarray, batch: bool):
         if EXAMPLE_INPUT_KEY not in sig.inputs or len(sig.inputs) != 1:
@@ -198,7 +326,9 @@ class Inference:
             raise errors.invalid_argument(
                 f"signature '{sig.name}' input '{EXAMPLE_INPUT_KEY}' is {spec.describe()}, "
                 "expected DT_STRING serialized tf.Examples")
-        return sig.run({EXAMPLE_INPUT_KEY: examples}, batch=batch), len(examples)
+        outputs = sig.run({EXAMPLE_INPUT_KEY: examples}, batch=batch)
+        self._check_finite_outputs(sig, outputs, (SCORES_KEY, REGRESS_OUTPUT_KEY))
+        return outputs, len(examples)
 
     def _classification(self, sig: Signature, outputs, n: int):
         from tensorflow_serving.apis import classification_pb2
@@ -424,13 +554,28 @@ def _servicers():
 
         @_guard
         def HandleReloadConfigRequest(self, request, context):
+            options = self.server.options
+            if not options.allow_model_config_reload:
+                raise errors.permission_denied(
+                    "this server refuses model config reloads (--disable-model-config-reload)")
             kind = request.config.WhichOneof("config")
             if kind != "model_config_list":
                 raise errors.invalid_argument(
                     "ReloadConfigRequest.config must hold a model_config_list "
                     f"(got {kind or 'nothing'})")
+            configs = list(request.config.model_config_list.config)
+            if not configs and not options.allow_empty_model_config_reload:
+                raise errors.invalid_argument(
+                    "model_config_list is empty, which would unload every model; refused "
+                    "(--allow-empty-model-config-reload accepts it)")
+            for config in configs:  # all checked before anything changes
+                if not path_within_roots(config.base_path, options.reload_allowed_roots):
+                    raise errors.permission_denied(
+                        f"model '{config.name}': base_path {config.base_path!r} is outside "
+                        "the folders this server may load from (the configured base paths "
+                        "and --reload-allowed-roots)")
             try:
-                self.manager.set_configs(request.config.model_config_list.config)
+                self.manager.set_configs(configs)
             except ValueError as exc:
                 raise errors.invalid_argument(f"invalid model config: {exc}") from exc
             self.manager.poll_once()  # like TF Serving, answer once the new config is loaded
@@ -442,11 +587,37 @@ def _servicers():
     return PredictionServicer, ModelServicer
 
 
+def _normalized_path(path: str) -> str:
+    """Absolute, `..`-free form of a local (symlinks resolved) or URL-style (gs://) path."""
+    scheme, sep, rest = path.partition("://")
+    if sep:
+        return f"{scheme}://" + posixpath.normpath("/" + rest).lstrip("/")
+    return os.path.realpath(path)
+
+
+def path_within_roots(path: str, roots) -> bool:
+    """True when `path` is one of `roots` or lies under one (after normalization)."""
+    if not path:
+        return False
+    target = _normalized_path(path)
+    for root in roots:
+        root = _normalized_path(root).rstrip("/")
+        if target == root or target.startswith(root + "/"):
+            return True
+    return False
+
+
+class StartupInterrupted(Exception):
+    """`abort_start()` was called while the server waited for its initial models."""
+
+
 class ModelServer:
     """The server as a Python object (tests and benchmarks run it in-process).
 
-    `start()` loads the models (first poll), binds the port and returns it (port 0 = pick a
-    free one); `stop(grace)` drains.
+    `start()` loads the models and, as TF Serving does, binds the port only once every
+    configured model has an AVAILABLE version (`serve_before_models_load` binds at once); it
+    returns the port (port 0 = pick a free one). `shutdown()` is the SIGTERM sequence: lame
+    duck (health NOT_SERVING while requests are still served), then `stop(grace)` drains.
     """
 
     def __init__(self, options: ServerOptions):
@@ -462,16 +633,46 @@ class ModelServer:
             on_change=self.update_health)
         self._server: Optional[grpc.Server] = None
         self.port: Optional[int] = None
+        self._health_lock = threading.Lock()
+        self._lame_duck = False
+        self._abort_start = threading.Event()
 
     def update_health(self) -> None:
         from grpc_health.v1 import health_pb2
 
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, \
             health_pb2.HealthCheckResponse.NOT_SERVING
-        names = self.manager.model_names()
-        for name in names:
-            self.health.set(name, serving if self.manager.available(name) else not_serving)
-        self.health.set("", serving if self.manager.available() else not_serving)
+        with self._health_lock:
+            names = self.manager.model_names()
+            for name in names:
+                up = self.manager.available(name) and not self._lame_duck
+                self.health.set(name, serving if up else not_serving)
+            up = self.manager.available() and not self._lame_duck
+            self.health.set("", serving if up else not_serving)
+
+    def abort_start(self) -> None:
+        """Makes a `start()` that waits for the initial models raise StartupInterrupted."""
+        self._abort_start.set()
+
+    def _wait_for_initial_models(self) -> None:
+        deadline = None if self.options.startup_timeout_seconds is None else \
+            time.monotonic() + self.options.startup_timeout_seconds
+        logged = False
+        while not self.manager.available():
+            missing = [n for n in self.manager.model_names() if not self.manager.available(n)]
+            if self.options.poll_wait_seconds <= 0:
+                raise ValueError(
+                    f"models {missing} have no loadable version and polling is off "
+                    "(--file-system-poll-wait-seconds 0); see the load errors above, or use "
+                    "--serve-before-models-load")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"models {missing} got no AVAILABLE version within "
+                                   f"{self.options.startup_timeout_seconds:.0f}s")
+            if not logged:
+                log.info("waiting for models %s to load before opening the port", missing)
+                logged = True
+            if self._abort_start.wait(min(0.1, self.options.poll_wait_seconds)):
+                raise StartupInterrupted("start-up interrupted while models were loading")
 
     def start(self) -> int:
         from grpc_health.v1 import health_pb2_grpc
@@ -479,6 +680,13 @@ class ModelServer:
 
         prediction_cls, model_cls = _servicers()
         self.update_health()
+        if not self.options.serve_before_models_load:
+            try:
+                self.manager.start()
+                self._wait_for_initial_models()
+            except BaseException:
+                self.manager.stop()
+                raise
         limit = self.options.max_message_bytes
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.options.grpc_threads,
@@ -496,14 +704,33 @@ class ModelServer:
         if not self.port:
             raise OSError(f"cannot bind {address}")
         self._server.start()
-        self.manager.start()
+        if self.options.serve_before_models_load:
+            self.manager.start()
         self.update_health()
         return self.port
+
+    def enter_lame_duck(self) -> None:
+        """Health turns NOT_SERVING for every service; requests are still served."""
+        with self._health_lock:
+            self._lame_duck = True
+        self.update_health()
+
+    def shutdown(self, lame_duck_seconds: Optional[float] = None,
+                 grace: Optional[float] = None) -> None:
+        """What SIGTERM does: lame duck for `lame_duck_seconds`, then `stop(grace)`."""
+        lame_duck_seconds = self.options.lame_duck_seconds if lame_duck_seconds is None \
+            else lame_duck_seconds
+        self.enter_lame_duck()
+        if lame_duck_seconds > 0:
+            time.sleep(lame_duck_seconds)
+        self.stop(grace)
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Refuses new RPCs, lets in-flight ones finish (up to `grace` s), unloads models."""
         grace = self.options.drain_seconds if grace is None else grace
-        self.health.enter_graceful_shutdown()
+        with self._health_lock:
+            self._lame_duck = True
+            self.health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(grace).wait()
         self.manager.stop()
@@ -570,81 +797,56 @@ def model_configs_from_args(args) -> list:
     return [config]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m serving.model_server",
-        description="Serve SavedModels over TensorFlow Serving's gRPC API (PredictionService, "
-                    "ModelService, grpc health). Versions are the numeric folders under the "
-                    "model base path; new ones are picked up while serving.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--model-base-path", help="folder holding numeric version folders "
-                   "(local or gs://), e.g. B/qin containing 1/, 2/")
-    g.add_argument("--model-name", default="default", help="name clients put in ModelSpec.name")
-    g.add_argument("--model-config-file", help="ModelServerConfig text file (several models, "
-                   "version policies and labels); replaces --model-base-path/--model-name")
-    g.add_argument("--model-version-policy", default="latest:1",
-                   help="latest[:N] (newest N working versions), all, or specific:V1,V2")
-    g.add_argument("--version-labels", default="",
-                   help="label=version pairs, e.g. stable=3,canary=4 (ModelSpec.version_label)")
-    g.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
-                   help="how often to look for new/removed versions; 0 = load once at start")
-    g.add_argument("--no-warmup", action="store_true",
-                   help="do not replay assets.extra/tf_serving_warmup_requests on load")
-    g = p.add_argument_group("batching")
-    g.add_argument("--enable-batching", dest="enable_batching", action="store_true",
-                   default=True, help="merge concurrent requests along dimension 0 (default on)")
-    g.add_argument("--no-enable-batching", dest="enable_batching", action="store_false",
-                   help="run every request on its own")
-    g.add_argument("--batching-parameters-file",
-                   help="BatchingParameters text file (max_batch_size, batch_timeout_micros, "
-                        "max_enqueued_batches, num_batch_threads, allowed_batch_sizes)")
-    g = p.add_argument_group("network and limits")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    g.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
-    g.add_argument("--grpc-max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                   help="largest request/response message; larger ones get RESOURCE_EXHAUSTED")
-    g.add_argument("--max-request-elements", type=int, default=DEFAULT_MAX_REQUEST_ELEMENTS,
-                   help="largest total number of tensor elements in one request "
-                        "(INVALID_ARGUMENT above)")
-    g.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
-                   help="largest dimension 0 / number of examples in one request")
-    g.add_argument("--allow-non-finite-inputs", action="store_true",
-                   help="pass NaN/Inf float inputs to the model instead of rejecting them")
-    g.add_argument("--grpc-threads", type=int, default=64,
-                   help="RPC worker threads (more than 2 x max_batch_size helps batching)")
-    g.add_argument("--drain-seconds", type=float, default=30.0,
-                   help="on SIGTERM, how long in-flight requests may take to finish")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    return p
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def options_from_args(args, configs, batching) -> ServerOptions:
+    roots = [r.strip() for r in (args.reload_allowed_roots or "").split(",") if r.strip()]
+    return ServerOptions(
+        configs, host=args.host, port=args.port, enable_batching=args.enable_batching,
+        batching=batching, poll_wait_seconds=args.file_system_poll_wait_seconds,
+        max_message_bytes=args.grpc_max_message_bytes,
+        max_request_elements=args.max_request_elements, max_batch_rows=args.max_batch_rows,
+        max_broadcast_bytes=args.max_broadcast_bytes,
+        reject_non_finite_inputs=not args.allow_non_finite_inputs,
+        reject_non_finite_outputs=not args.allow_non_finite_outputs,
+        grpc_threads=args.grpc_threads, drain_seconds=args.drain_seconds,
+        enable_warmup=not args.no_warmup,
+        serve_before_models_load=args.serve_before_models_load,
+        allow_model_config_reload=not args.disable_model_config_reload,
+        reload_allowed_roots=roots,
+        allow_empty_model_config_reload=args.allow_empty_model_config_reload,
+        lame_duck_seconds=args.lame_duck_seconds)
+
+
+def run(args) -> int:
+    """Runs the server for parsed command-line `args` until SIGTERM/SIGINT; the exit code."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         configs = model_configs_from_args(args)
         batching = load_batching_options(args.batching_parameters_file) \
             if args.enable_batching else None
+        options = options_from_args(args, configs, batching)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    options = ServerOptions(
-        configs, host=args.host, port=args.port, enable_batching=args.enable_batching,
-        batching=batching, poll_wait_seconds=args.file_system_poll_wait_seconds,
-        max_message_bytes=args.grpc_max_message_bytes,
-        max_request_elements=args.max_request_elements, max_batch_rows=args.max_batch_rows,
-        reject_non_finite_inputs=not args.allow_non_finite_inputs,
-        grpc_threads=args.grpc_threads, drain_seconds=args.drain_seconds,
-        enable_warmup=not args.no_warmup)
     server = ModelServer(options)
     stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        server.abort_start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         port = server.start()
-    except (ValueError, OSError) as exc:
+    except StartupInterrupted:
+        log.info("stopped while the initial models were loading")
+        return 0
+    except (ValueError, OSError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("serving %s on %s:%d (batching %s)", server.manager.model_names(), args.host, port,
@@ -652,9 +854,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"READY {args.host}:{port}", flush=True)
     while not stop.wait(1.0):
         pass
+    log.info("lame duck: health NOT_SERVING, still serving for %.1fs", options.lame_duck_seconds)
+    started = time.monotonic()
+    server.enter_lame_duck()
+    time.sleep(max(0.0, options.lame_duck_seconds))
     log.info("draining: refusing new requests, finishing in-flight ones (up to %.0fs)",
              options.drain_seconds)
-    started = time.monotonic()
     server.stop()
     log.info("stopped after %.2fs", time.monotonic() - started)
     return 0
