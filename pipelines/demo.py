@@ -72,8 +72,8 @@ def _sample_user_queries(raw_dir: str, count: int):
         yield row.user_id, " ".join(words[t] for t in row.query_tokens)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="where everything is written")
     parser.add_argument("--users", type=int, default=300)
@@ -86,7 +86,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--report-presets", default="qin,din,dnn",
                         help="models compared in the demo's report ('' to skip the report)")
     parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from pipelines import run_local
 

@@ -6,8 +6,10 @@
 writes `items`, `users`, `behaviours`, `requests` and `query_vocab` Parquet files exactly as
 docs/ARCHITECTURE.md section 1 specifies, plus `truth/` (the latent variables, never read by the
 pipeline) so that tests and evaluation can check what a ranker should have learned. Every request
-carries the generator's true probabilities (`p_click`, `p_long_view`, `p_like`): the oracle's
-AUC/GAUC is the ceiling any model can reach on these logs.
+carries the generator's true probabilities (`p_click`, `p_long_view`, `p_like`) and the true
+expected play time of every shown candidate (`expected_play_time_s`, next to the observed
+`play_time_s`): the oracle's AUC/GAUC and expected clicks / watch time are the ceiling any model
+can reach on these logs.
 
 Generative model
 ----------------
@@ -63,7 +65,13 @@ preferred subtopic of the query topic]:
     p_long_view = p_click * sigmoid(long_view_bias + long_view_affinity * aff + q_i)
     p_like      = p_click * sigmoid(like_bias + like_affinity * aff + q_i)
 (defaults -3.2, 1.8, 1.6; -0.6, 1.4; -2.2, 1.2) and labels are drawn from them (long_view and
-like only for clicked candidates): click rate ~0.2, oracle click AUC ~0.8. Each clicked candidate
+like only for clicked candidates): click rate ~0.2, oracle click AUC ~0.8. A clicked candidate
+is watched deeply when it is a long view (watch ratio 0.8-1.0 plus replays, mean 1.08) and
+briefly otherwise (min(Beta(1.3, 5), 0.79), mean ~0.21); its `play_time_s` is watch ratio *
+duration (0 when not clicked), and its true expected play time is
+    E[play] = p_click * duration * (c_long * 1.08 + (1 - c_long) * 0.21)
+with c_long = p_long_view / p_click: duration is independent of relevance, so ranking by
+expected watch time and by p_click disagree, a trade-off the fused score has to settle. Each clicked candidate
 is also appended to behaviours.parquet with source=search, 3 seconds to a few minutes after the
 request (never before it), with engagement matching its long_view/like labels: point-in-time
 joins must exclude these from their own request.
@@ -130,9 +138,12 @@ REQUEST_SCHEMA = pa.schema([("request_id", pa.string()), ("user_id", pa.string()
                             ("query_embedding", _list_type(pa.float32())),
                             ("candidate_item_ids", _list_type(pa.string())),
                             ("click", _list_type(pa.int8())), ("long_view", _list_type(pa.int8())),
-                            ("like", _list_type(pa.int8())), ("p_click", _list_type(pa.float32())),
+                            ("like", _list_type(pa.int8())),
+                            ("play_time_s", _list_type(pa.float32())),
+                            ("p_click", _list_type(pa.float32())),
                             ("p_long_view", _list_type(pa.float32())),
-                            ("p_like", _list_type(pa.float32()))])
+                            ("p_like", _list_type(pa.float32())),
+                            ("expected_play_time_s", _list_type(pa.float32()))])
 VOCAB_SCHEMA = pa.schema([("token_id", pa.int64()), ("word", pa.string()),
                           ("embedding", _list_type(pa.float32()))])
 # truth/
@@ -406,6 +417,8 @@ class UserLog:
     r_candidates: List[np.ndarray]
     r_labels: Dict[str, List[np.ndarray]]  # click / long_view / like -> per request int8
     r_probs: Dict[str, List[np.ndarray]]
+    r_play_time: List[np.ndarray]  # per request, play time (s) of each candidate, 0 = no click
+    r_expected_play_time: List[np.ndarray]  # true expected play time of each candidate
     r_topic: np.ndarray
     r_period: np.ndarray
     r_seen_before: np.ndarray
@@ -415,15 +428,43 @@ class UserLog:
     period_counts: np.ndarray
 
 
+DEEP_REPLAY_SHARE, DEEP_REPLAY_GAMMA = 0.3, (1.5, 0.4)  # replays: share, gamma (shape, scale)
+SHORT_WATCH_BETA, SHORT_WATCH_CAP = (1.3, 5.0), 0.79
+
+
 def _deep_watch_ratio(rng, n):
     # Fully watched, often re-watched: 0.8-1.0, plus a tail of replays up to ~3x.
     wr = rng.uniform(0.8, 1.0, n)
-    replay = rng.random(n) < 0.3
-    return np.where(replay, wr + rng.gamma(1.5, 0.4, n), wr)
+    replay = rng.random(n) < DEEP_REPLAY_SHARE
+    return np.where(replay, wr + rng.gamma(DEEP_REPLAY_GAMMA[0], DEEP_REPLAY_GAMMA[1], n), wr)
 
 
 def _short_watch_ratio(rng, n):
-    return np.minimum(rng.beta(1.3, 5.0, n), 0.79)
+    return np.minimum(rng.beta(SHORT_WATCH_BETA[0], SHORT_WATCH_BETA[1], n), SHORT_WATCH_CAP)
+
+
+def _short_watch_ratio_mean(grid: int = 200_001) -> float:
+    """E[min(X, SHORT_WATCH_CAP)] for X ~ Beta(a, b), by the trapezoidal rule on a fine grid."""
+    import math
+
+    a, b = SHORT_WATCH_BETA
+    x = np.linspace(0.0, 1.0, grid)[1:-1]
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    pdf = np.exp(log_norm + (a - 1) * np.log(x) + (b - 1) * np.log1p(-x))
+    return float(np.trapezoid(np.minimum(x, SHORT_WATCH_CAP) * pdf, x))
+
+
+# Mean watch ratio of a clicked search result: deep (a long view) or short; with the item's
+# duration these give the true expected play time of every shown candidate.
+DEEP_WATCH_RATIO_MEAN = 0.9 + DEEP_REPLAY_SHARE * DEEP_REPLAY_GAMMA[0] * DEEP_REPLAY_GAMMA[1]
+SHORT_WATCH_RATIO_MEAN = _short_watch_ratio_mean()
+
+
+def expected_play_time(p_click, p_long_given_click, duration_s):
+    """True expected play time (seconds) of a shown candidate:
+    p_click * duration * (c_long * E[deep ratio] + (1 - c_long) * E[short ratio])."""
+    return p_click * duration_s * (p_long_given_click * DEEP_WATCH_RATIO_MEAN
+                                   + (1.0 - p_long_given_click) * SHORT_WATCH_RATIO_MEAN)
 
 
 def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -> UserLog:
@@ -523,6 +564,8 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
     cands_out: List[np.ndarray] = []
     labels: Dict[str, List[np.ndarray]] = {t: [] for t in F.DEFAULT_TASKS}
     probs: Dict[str, List[np.ndarray]] = {t: [] for t in F.DEFAULT_TASKS}
+    play_out: List[np.ndarray] = []
+    expected_play_out: List[np.ndarray] = []
     r_topic = np.zeros(R, np.int32)
     r_seen = np.zeros(R, bool)
     s_item, s_time, s_watch, s_like, s_follow, s_share = [], [], [], [], [], []
@@ -577,6 +620,10 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
                              ("like", liked, p_click * c_like)):
             labels[task].append(lab.astype(np.int8))
             probs[task].append(p.astype(np.float32))
+        duration = world.item_duration[cands]
+        expected_play_out.append(
+            expected_play_time(p_click, c_long, duration.astype(np.float64)).astype(np.float32))
+        play = np.zeros(len(cands), np.float32)
         # Search clicks become full-site behaviours a few seconds after the request.
         clicked = np.flatnonzero(click)
         if len(clicked):
@@ -588,9 +635,12 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
             searched_topic.append(world.item_topic[cands[clicked]])
             lv = long_view[clicked]
             s_watch.append(np.where(lv, _deep_watch_ratio(rng, m), _short_watch_ratio(rng, m)))
+            # the same play time as the search behaviour's (watch ratio * duration, float32)
+            play[clicked] = s_watch[-1].astype(np.float32) * duration[clicked]
             s_like.append(liked[clicked])
             s_follow.append(rng.random(m) < np.where(liked[clicked], 0.1, 0.005))
             s_share.append(rng.random(m) < np.where(liked[clicked], 0.05, 0.002))
+        play_out.append(play)
 
     def cat(parts, dtype):
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
@@ -606,7 +656,8 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
         b_follow=np.concatenate([follow, cat(s_follow, bool)])[order].astype(np.int8),
         b_share=np.concatenate([share, cat(s_share, bool)])[order].astype(np.int8),
         r_time=r_time, r_tokens=tokens_out, r_embedding=emb_out, r_candidates=cands_out,
-        r_labels=labels, r_probs=probs, r_topic=r_topic, r_period=r_pidx.astype(np.int32),
+        r_labels=labels, r_probs=probs, r_play_time=play_out,
+        r_expected_play_time=expected_play_out, r_topic=r_topic, r_period=r_pidx.astype(np.int32),
         r_seen_before=r_seen, period_start=starts, period_end=ends, period_current=current,
         period_counts=counts)
 
@@ -633,7 +684,8 @@ def _fixed_lists(matrix: np.ndarray, value_type=pa.float32()) -> pa.Array:
                                     type=_list_type(value_type))
 
 
-def _ids(prefix: str, count: int) -> pa.Array:
+def entity_ids(prefix: str, count: int) -> pa.Array:
+    """`count` ids zero-padded to the width of the largest: 300 users are u000 ... u299."""
     width = len(str(max(count - 1, 0)))
     return pa.array([f"{prefix}{k:0{width}d}" for k in range(count)], pa.string())
 
@@ -716,8 +768,8 @@ def generate(output_dir: str, users: int = 1000, items: int = 5000, requests: in
     world = build_world(cfg)
     us = draw_user_scalars(cfg)
     out = _Output(output_dir)
-    item_ids = _ids("i", cfg.items)
-    user_ids = _ids("u", cfg.users)
+    item_ids = entity_ids("i", cfg.items)
+    user_ids = entity_ids("u", cfg.users)
     log(f"world: {cfg.topics} topics x {cfg.subtopics} subtopics, {cfg.items:,} items, "
         f"{cfg.users:,} users ({cfg.lifelong_users} lifelong), {int(us.feed_length.sum()):,} feed "
         f"behaviours and {cfg.requests:,} requests to generate")
@@ -788,6 +840,7 @@ def generate(output_dir: str, users: int = 1000, items: int = 5000, requests: in
         ids, users_, times, tokens, emb, cands = [], [], [], [], [], []
         labels = {t: [] for t in F.DEFAULT_TASKS}
         probs = {t: [] for t in F.DEFAULT_TASKS}
+        play, expected_play = [], []
         for u, lg in parts:
             ids += [f"r{u}-{k}" for k in range(len(lg.r_time))]
             users_.append(np.full(len(lg.r_time), u))
@@ -798,6 +851,8 @@ def generate(output_dir: str, users: int = 1000, items: int = 5000, requests: in
             for t in F.DEFAULT_TASKS:
                 labels[t] += lg.r_labels[t]
                 probs[t] += lg.r_probs[t]
+            play += lg.r_play_time
+            expected_play += lg.r_expected_play_time
         cand_values = item_ids.take(pa.array(np.concatenate(cands)))
         cols = {"request_id": pa.array(ids, pa.string()),
                 "user_id": user_ids.take(pa.array(np.concatenate(users_))),
@@ -807,8 +862,10 @@ def generate(output_dir: str, users: int = 1000, items: int = 5000, requests: in
                 "candidate_item_ids": _list_array(cands, cand_values, pa.string())}
         for t in F.DEFAULT_TASKS:
             cols[t] = _numeric_lists(labels[t], pa.int8())
+        cols["play_time_s"] = _numeric_lists(play, pa.float32())
         for t in F.DEFAULT_TASKS:
             cols[f"p_{t}"] = _numeric_lists(probs[t], pa.float32())
+        cols["expected_play_time_s"] = _numeric_lists(expected_play, pa.float32())
         return pa.table(cols, schema=REQUEST_SCHEMA)
 
     def truth_request_table(parts):
