@@ -20,7 +20,8 @@ _TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
 
 def _parser(pipeline) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m pipelines.run_local", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline-root", default="pipeline_runs",
                         help="directory for the run's artifacts (default: pipeline_runs)")
     for name, spec in pipeline.component_spec.inputs.items():

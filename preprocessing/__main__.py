@@ -6,6 +6,9 @@ import common  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 
 
 def main(argv=None) -> int:
+    from preprocessing import options
+
+    options.parse_args(argv)  # --help and invalid arguments answer before Beam is imported
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from preprocessing import pipeline
 

@@ -18,6 +18,7 @@ import argparse
 from typing import List, Optional, Sequence, Tuple
 
 from common import features as F
+from common.cli import HelpFormatter
 
 FORMATS = ("canonical", "kuaisar", "jdsearch")
 LONG_TERM_MODES = ("recent", "stage1")
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "feature store (docs/ARCHITECTURE.md section 2). Extra flags are Apache Beam "
                     "pipeline options (e.g. --runner DataflowRunner --project ... --region ... "
                     "--temp_location gs://... --setup_file ./setup.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--input-format", choices=FORMATS, required=True,
                    help="layout of --input: canonical (docs/ARCHITECTURE.md section 1 Parquet "
                         "files), kuaisar (KuaiSAR CSVs) or jdsearch (JDsearch files)")
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="user-profile values are hashed into [1, buckets)")
     text = p.add_argument_group(
         "text embeddings (kuaisar, jdsearch: prepare() trains a query/item text tower; see "
-        "preprocessing/text_embeddings.py)")
+        "preprocessing/text_embeddings.py, whose TextTowerConfig holds the defaults of these "
+        "options)")
     text.add_argument("--seed", type=int, default=None, help="seed of the text tower")
     text.add_argument("--text-tower-epochs", type=int, default=None, help="training epochs")
     text.add_argument("--text-tower-max-steps", type=int, default=None,

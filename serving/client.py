@@ -35,6 +35,7 @@ import common  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import numpy as np
 
 from common import features as F
+from common.cli import HelpFormatter
 from common import point_in_time as pit
 from serving import signatures as S
 
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "request is assembled from the feature store (profile, behaviours strictly "
                     "before now, query encoding, candidates retrieved by content-embedding "
                     "cosine) and sent to the rank_listwise signature over TF Serving gRPC.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--server", required=True, help="HOST:PORT of the gRPC model server")
     p.add_argument("--feature-store", required=True,
                    help="OUT/feature_store.sqlite written by `python -m preprocessing`")

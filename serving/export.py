@@ -40,6 +40,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from common import features as F
+from common.cli import HelpFormatter
 from serving import savedmodel_check, signatures as S, warmup as W
 
 TMP_PREFIX = ".tmp-export-"
@@ -358,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
                     "TensorFlow process and renamed into place atomically (remote base paths: "
                     "uploaded under a non-numeric name, then copied with saved_model.pb last "
                     "and a completion marker).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model-dir", required=True,
                    help="trainer output (model_config.json and final/ weights of "
                         "`python -m trainer.task`)")

@@ -24,6 +24,7 @@ import numpy as np
 
 import common  # noqa: F401  (tf-keras switch before TensorFlow loads)
 from common import features as F
+from common.cli import HelpFormatter
 
 logger = logging.getLogger("trainer")
 METRICS_JSON = "metrics.json"
@@ -201,13 +202,14 @@ def evaluate(data_dir: str, model_dir: str, split: str = "test", output_dir: Opt
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.evaluate",
         description="Evaluate a model trained by `python -m trainer.task` on one split of the "
                     "preprocessing output: per-task AUC and log loss, GAUC by request and by "
                     "user, NDCG@5/@10, MRR and HIT@k per request; on generated data also the "
-                    "oracle (true probabilities). Writes OUTPUT/metrics.json and metrics.md.")
+                    "oracle (true probabilities). Writes OUTPUT/metrics.json and metrics.md.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--data", required=True, help="output directory of python -m preprocessing")
     parser.add_argument("--model-dir", required=True,
                         help="model directory written by python -m trainer.task "
@@ -216,8 +218,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="directory for metrics.json/metrics.md")
     parser.add_argument("--batch-size", type=int, default=256, help="requests per batch")
     parser.add_argument("--max-batches", type=int, default=None,
-                        help="evaluate only the first N batches (quick look)")
-    args = parser.parse_args(argv)
+                        help="evaluate only the first N batches (quick look); default: all")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         result = evaluate(args.data, args.model_dir, args.split, args.output, args.batch_size,

@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from common.cli import HelpFormatter
+
 logger = logging.getLogger("trainer")
 
 BASELINES = ("dnn", "din", "sim_hard", "sim_soft", "twin")
@@ -262,24 +264,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "a comparison table (report.md, report.json) and chart (report.png). On "
                     "generated data the table includes the oracle and the share of its lift "
                     "each model captures. Re-running resumes unfinished trainings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--data", required=True,
                         help="output of `python -m preprocessing` (for the default report: the "
                              "generated dataset of preprocessing.synthetic)")
-    parser.add_argument("--output", required=True, help="report directory")
+    parser.add_argument("--output", required=True,
+                        help="report directory (report.md, report.json, report.png, one "
+                             "model directory and evaluation per preset, logs)")
     parser.add_argument("--presets", default=None,
-                        help="comma-separated presets (default: all of trainer.config.PRESETS)")
-    parser.add_argument("--epochs", type=int, default=5)
+                        help="comma-separated presets; default: all of trainer.config.PRESETS")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="maximum epochs per model (python -m trainer.task --epochs)")
     parser.add_argument("--batch-size", type=int, default=256, help="requests per batch")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="default: one pass over the train split")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+                        help="training steps per epoch; default: one pass over the train split")
+    parser.add_argument("--learning-rate", type=float, default=1e-3,
+                        help="Adam learning rate of every model")
     parser.add_argument("--seed", type=int, default=0, help="the same seed for every model")
-    parser.add_argument("--early-stopping-patience", type=int, default=2)
+    parser.add_argument("--early-stopping-patience", type=int, default=2,
+                        help="stop a model after this many epochs without a better eval GAUC "
+                             "(0: never stop early)")
     parser.add_argument("--config", default=None,
                         help="JSON overrides applied to every preset (e.g. sizes)")
-    parser.add_argument("--split", default="test", choices=("eval", "test"))
-    parser.add_argument("--log-every-steps", type=int, default=100)
+    parser.add_argument("--split", default="test", choices=("eval", "test"),
+                        help="split the table is computed on")
+    parser.add_argument("--log-every-steps", type=int, default=100,
+                        help="training progress line every N steps (in each model's log)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal
     return parser
 

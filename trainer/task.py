@@ -27,6 +27,7 @@ import time
 from typing import Dict, Optional
 
 import common  # noqa: F401  (tf-keras switch before TensorFlow loads)
+from common.cli import HelpFormatter
 
 logger = logging.getLogger("trainer")
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "crash or preemption continues from the last checkpoint. Keeps the weights "
                     "of the epoch with the best eval GAUC (by request, first task) in "
                     "MODEL_DIR/final.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--data", required=True,
                         help="preprocessing output directory (metadata.json, item_embeddings.npy, "
                              f"{'/'.join(F.SPLITS)}/*.tfrecord.gz); local or gs://")
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the CPU into N logical devices (with --strategy mirrored: "
                              "N-replica training without GPUs, for checks and tests)")
     return parser
+
+
+if __name__ == "__main__":
+    # Answer --help and argument errors before the callback classes below import TensorFlow.
+    build_parser().parse_args()
 
 
 def resolve_dirs(args) -> Dict[str, str]:
