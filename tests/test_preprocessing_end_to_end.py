@@ -16,6 +16,7 @@ from common import features as F
 from common.feature_store import SqliteFeatureStore
 from common.relevance import stage1_top_k
 from preprocessing import pipeline as P
+from tests.helpers import read_examples
 from tests.preprocessing_canonical_files import (BASE_MS, DIM, _emb, behaviour, request,
                                                  write_canonical)
 
@@ -100,24 +101,6 @@ def reference(tables, mode="recent", k=None):
         seq = lambda rs: [(v[2], (r["timestamp"] - v[1]) / 1000.0, v[3]) for v in rs]  # noqa
         out[r["request_id"]] = {"long": seq(long_rows), "rt": seq(rows[:RT])}
     return out, index
-
-
-def read_examples(out_dir):
-    import tensorflow as tf
-
-    metadata = F.DatasetMetadata.load(out_dir)
-    result = {}
-    for split in F.SPLITS:
-        files = sorted(glob.glob(os.path.join(out_dir, split, "*.tfrecord.gz")))
-        if not files:
-            continue
-        ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(16).map(
-            lambda s: F.parse_examples(s, metadata))
-        for batch in ds.as_numpy_iterator():
-            for b in range(batch[F.REQUEST_ID].shape[0]):
-                row = {name: value[b] for name, value in batch.items()}
-                result[row[F.REQUEST_ID].decode()] = (split, row)
-    return metadata, result
 
 
 def sequence(row, seq):

@@ -13,6 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from common import features as F
 from preprocessing import jdsearch
 from preprocessing.records import BehaviourRecord, ItemRecord, RequestRecord
+from tests.helpers import item_vocabulary, labels, long_sequence, read_examples
 from tests.public_format_files import jd_line, jd_product, write_jdsearch
 
 RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -212,39 +213,8 @@ def test_prepare_trains_the_text_tower_before_the_eval_cutoff_only(tmp_path, mon
 
 # ---- end to end: `python -m preprocessing` on the tiny files, TFRecords read back ------------
 def _read_back(out_dir):
-    import glob
-    import os
-
-    import tensorflow as tf
-
-    metadata = F.DatasetMetadata.load(out_dir)
-    items = [""] + F.read_vocabulary(out_dir, "items")
-    examples = {}
-    for split in F.SPLITS:
-        files = sorted(glob.glob(os.path.join(out_dir, split, "*.tfrecord.gz")))
-        if not files:
-            continue
-        ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8).map(
-            lambda s: F.parse_examples(s, metadata))
-        for batch in ds.as_numpy_iterator():
-            for b in range(batch[F.REQUEST_ID].shape[0]):
-                row = {name: value[b] for name, value in batch.items()}
-                examples[row[F.REQUEST_ID].decode()] = row
-    return metadata, items, examples
-
-
-def _long_sequence(row, items):
-    n = int(row[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)])
-    field = lambda name: row[F.seq_feature(F.LONG_TERM, name)][:n]  # noqa: E731
-    return [(items[int(i)], float(g), int(s), tuple(float(x) for x in e))
-            for i, g, s, e in zip(field(F.SEQ_ITEM), field(F.SEQ_TIME_GAP),
-                                  field(F.SEQ_SOURCE), field(F.SEQ_ENGAGEMENT))]
-
-
-def _labels(row, items, task):
-    n = int(row[F.NUM_CANDIDATES])
-    return {items[int(i)]: float(v) for i, v in
-            zip(row[F.CANDIDATE_ITEM][:n], row[F.label_feature(task)][:n])}
+    metadata, examples = read_examples(out_dir, batch_size=8)
+    return metadata, item_vocabulary(out_dir), {rid: row for rid, (_, row) in examples.items()}
 
 
 def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
@@ -262,18 +232,18 @@ def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
     assert tuple(metadata.engagement_names) == F.ENGAGEMENT_NAMES["jdsearch"]
     assert set(examples) == {"r2", "r3", "r5"}
     row = examples["r2"]
-    assert _labels(row, items, "click") == {BIG: 1.0, "200": 0.0, "201": 1.0, "202": 1.0}
-    assert _labels(row, items, "cart") == {BIG: 0.0, "200": 0.0, "201": 1.0, "202": 1.0}
-    assert _labels(row, items, "purchase") == {BIG: 0.0, "200": 0.0, "201": 1.0, "202": 0.0}
+    assert labels(row, items, "click") == {BIG: 1.0, "200": 0.0, "201": 1.0, "202": 1.0}
+    assert labels(row, items, "cart") == {BIG: 0.0, "200": 0.0, "201": 1.0, "202": 1.0}
+    assert labels(row, items, "purchase") == {BIG: 0.0, "200": 0.0, "201": 1.0, "202": 0.0}
     # history (most recent first): gaps to the request are the remaining intervals, in seconds
-    assert _long_sequence(row, items) == [("200", 3.0, F.SOURCE_SEARCH, E["FLW"]),
+    assert long_sequence(row, items) == [("200", 3.0, F.SOURCE_SEARCH, E["FLW"]),
                                           ("301", 10.0, F.SOURCE_SEARCH, E["ORD"]),
                                           ("300", 15.0, F.SOURCE_FEED, E["CLICK"])]
     assert list(row[F.QUERY_TOKENS][:int(row[F.QUERY_LENGTH])]) == [
         F.query_token_index(t, metadata.query_token_buckets) for t in (11, 12)]
-    assert _long_sequence(examples["r3"], items) == []  # empty history
-    assert _labels(examples["r5"], items, "cart") == {"200": 1.0, "300": 0.0}
-    assert _long_sequence(examples["r5"], items) == [("201", 30.0, F.SOURCE_SEARCH, E["CLICK"])]
+    assert long_sequence(examples["r3"], items) == []  # empty history
+    assert labels(examples["r5"], items, "cart") == {"200": 1.0, "300": 0.0}
+    assert long_sequence(examples["r5"], items) == [("201", 30.0, F.SOURCE_SEARCH, E["CLICK"])]
     assert BIG in items  # the 20-digit product id survives as an exact string
     with open(f"{out}/stats.json") as f:
         stats = json.load(f)

@@ -12,6 +12,7 @@ from common import features as F
 from preprocessing import kuaisar
 from preprocessing.records import BehaviourRecord, DeadLetter, ItemRecord, RequestRecord, UserRecord
 from preprocessing.text_embeddings import TextEncoder
+from tests.helpers import item_vocabulary, labels, long_sequence, read_examples
 from tests.public_format_files import item_row, rec_row, src_row, write_kuaisar
 
 RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -279,40 +280,9 @@ def test_prepare_rejects_split_fractions_that_leave_nothing_to_train(tmp_path):
 
 # ---- end to end: `python -m preprocessing` on the tiny files, TFRecords read back ------------
 def _read_back(out_dir):
-    import glob
-    import os
-
-    import tensorflow as tf
-
-    metadata = F.DatasetMetadata.load(out_dir)
-    items = [""] + F.read_vocabulary(out_dir, "items")
-    examples, splits = {}, {}
-    for split in F.SPLITS:
-        files = sorted(glob.glob(os.path.join(out_dir, split, "*.tfrecord.gz")))
-        if not files:
-            continue
-        ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8).map(
-            lambda s: F.parse_examples(s, metadata))
-        for batch in ds.as_numpy_iterator():
-            for b in range(batch[F.REQUEST_ID].shape[0]):
-                row = {name: value[b] for name, value in batch.items()}
-                examples[row[F.REQUEST_ID].decode()] = row
-                splits[row[F.REQUEST_ID].decode()] = split
-    return metadata, items, examples, splits
-
-
-def _long_sequence(row, items):
-    n = int(row[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)])
-    field = lambda name: row[F.seq_feature(F.LONG_TERM, name)][:n]  # noqa: E731
-    return [(items[int(i)], float(g), int(s), tuple(float(x) for x in e))
-            for i, g, s, e in zip(field(F.SEQ_ITEM), field(F.SEQ_TIME_GAP),
-                                  field(F.SEQ_SOURCE), field(F.SEQ_ENGAGEMENT))]
-
-
-def _labels(row, items, task):
-    n = int(row[F.NUM_CANDIDATES])
-    return {items[int(i)]: float(v) for i, v in
-            zip(row[F.CANDIDATE_ITEM][:n], row[F.label_feature(task)][:n])}
+    metadata, examples = read_examples(out_dir, batch_size=8)
+    return (metadata, item_vocabulary(out_dir), {rid: row for rid, (_, row) in examples.items()},
+            {rid: split for rid, (split, _) in examples.items()})
 
 
 def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
@@ -353,15 +323,15 @@ def test_end_to_end_cli_writes_examples_with_labels_and_sequences(tmp_path):
     assert metadata.embedding_dim == 8 and set(examples) == {"500", "600", "700"}
 
     first, second = examples["500"], examples["600"]
-    assert _labels(first, items, "click") == {"11": 1.0, "12": 0.0, "13": 1.0}
-    assert _labels(examples["700"], items, "click") == {"12": 1.0}
-    assert _labels(second, items, "click") == {"11": 0.0, "14": 1.0}
+    assert labels(first, items, "click") == {"11": 1.0, "12": 0.0, "13": 1.0}
+    assert labels(examples["700"], items, "click") == {"12": 1.0}
+    assert labels(second, items, "click") == {"11": 0.0, "14": 1.0}
     feed_102 = ("102", 4.0, F.SOURCE_FEED, (1.5, 0.0, 1.0, 0.0))
     feed_101 = ("101", 5.0, F.SOURCE_FEED, (0.5, 1.0, 0.0, 0.0))
     # session 500's own clicks happen at its time: not in its features, in the next session's;
     # the unclicked impression 109 (T0 + 2000) is in no sequence
-    assert _long_sequence(first, items) == [feed_102, feed_101]
-    later = _long_sequence(second, items)
+    assert long_sequence(first, items) == [feed_102, feed_101]
+    later = long_sequence(second, items)
     assert sorted(later[:2]) == [("11", 4.0, F.SOURCE_SEARCH, (0.0,) * 4),
                                  ("13", 4.0, F.SOURCE_SEARCH, (0.0,) * 4)]
     assert later[2:] == [("102", 8.0, F.SOURCE_FEED, (1.5, 0.0, 1.0, 0.0)),

@@ -13,7 +13,7 @@ from common import features as F
 from common.relevance import stage1_top_k
 from common import point_in_time as pit
 from preprocessing import canonical, pipeline as P, stats as S
-from preprocessing.records import BehaviourRecord, DeadLetter, ItemRecord, RequestRecord
+from preprocessing.records import BehaviourRecord, ItemRecord, RequestRecord
 
 RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 DIM = 3

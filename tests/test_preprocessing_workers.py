@@ -1,7 +1,6 @@
 """Two local worker processes (multi_processing on the in-process runner) write exactly the
 examples, dead letters and statistics of one worker."""
 import glob
-import gzip
 import json
 import os
 
