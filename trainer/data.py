@@ -57,11 +57,41 @@ def split_labels(batch: Dict[str, tf.Tensor], metadata: F.DatasetMetadata):
     return batch, labels, weights
 
 
+DEFAULT_COLD_START_RATE = 0.05
+
+
+def simulate_cold_start(batch: Dict[str, tf.Tensor], rate: float,
+                        seed: Optional[int] = None) -> Dict[str, tf.Tensor]:
+    """Training-time augmentation for users the model has not seen act.
+
+    Logged search requests almost always come from users with a history, so a model trained on
+    them alone has never seen an empty history or an unknown user and answers them with
+    arbitrary probabilities. For a `rate` share of the requests of a batch this hides the
+    history (every sequence length set to 0: the sequences are masked by their explicit
+    lengths); for half of those it also makes the user unknown (user index and profile set to
+    the unknown index 0), as the serving client does for a user the feature store lacks.
+    """
+    if rate <= 0:
+        return batch
+    draw = tf.random.uniform(tf.shape(batch[F.USER_INDEX]), seed=seed)
+    no_history, unknown = draw < rate, draw < rate / 2
+    out = dict(batch)
+    for seq in F.SEQUENCES:
+        name = F.seq_feature(seq, F.SEQ_LENGTH)
+        out[name] = tf.where(no_history, tf.zeros_like(batch[name]), batch[name])
+    out[F.USER_INDEX] = tf.where(unknown, tf.zeros_like(batch[F.USER_INDEX]),
+                                 batch[F.USER_INDEX])
+    out[F.USER_PROFILE] = tf.where(unknown[:, tf.newaxis], tf.zeros_like(batch[F.USER_PROFILE]),
+                                   batch[F.USER_PROFILE])
+    return out
+
+
 def make_dataset(data_dir: str, split: str, metadata: F.DatasetMetadata, batch_size: int, *,
                  shuffle: bool = False, repeat: bool = False, seed: Optional[int] = None,
                  input_context: Optional[tf.distribute.InputContext] = None,
                  with_labels: bool = True, for_training: bool = True,
-                 shuffle_buffer: int = 2048, drop_remainder: bool = False) -> tf.data.Dataset:
+                 shuffle_buffer: int = 2048, drop_remainder: bool = False,
+                 cold_start_rate: float = 0.0) -> tf.data.Dataset:
     """Batched dataset of one split.
 
     batch_size: requests per batch *for this input pipeline* (when `input_context` is given it
@@ -70,7 +100,11 @@ def make_dataset(data_dir: str, split: str, metadata: F.DatasetMetadata, batch_s
       input pipeline (worker) when there are enough of them, else records are sharded.
     for_training: yield (features, labels, sample_weights); otherwise the parsed feature dict
       (which still holds the labels and true probabilities when `with_labels`).
+    cold_start_rate: share of requests whose history (and, for half, user) is hidden
+      (`simulate_cold_start`); for training splits only.
     """
+    if not 0.0 <= cold_start_rate < 1.0:
+        raise ValueError(f"cold_start_rate must be in [0, 1), got {cold_start_rate}")
     files = list_files(data_dir, split)
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     shard_records = False
@@ -98,6 +132,9 @@ def make_dataset(data_dir: str, split: str, metadata: F.DatasetMetadata, batch_s
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda s: F.parse_examples(s, metadata, with_labels=with_labels),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cold_start_rate > 0:
+        ds = ds.map(lambda b: simulate_cold_start(b, cold_start_rate, seed),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if for_training:
         ds = ds.map(lambda b: split_labels(b, metadata), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)

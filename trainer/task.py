@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training steps per epoch; default: one pass over the train split "
                              "(counted before training)")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--cold-start-rate", type=float, default=None,
+                        help="share of training requests whose history is hidden (half of them "
+                             "also as an unknown user), so that new users and empty histories "
+                             "get sensible probabilities; 0 turns it off (default: "
+                             "trainer.data.DEFAULT_COLD_START_RATE, 0.05)")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed (weights, shuffling); default: the config's seed")
     parser.add_argument("--mixed-precision", action="store_true",
@@ -322,10 +327,14 @@ def train(args) -> dict:
         tf.io.gfile.makedirs(dirs["model_dir"])
         config.save(dirs["model_dir"])
 
+    cold_start_rate = (data_lib.DEFAULT_COLD_START_RATE if args.cold_start_rate is None
+                       else args.cold_start_rate)
+
     def train_dataset_fn(input_context):
         return data_lib.make_dataset(
             args.data, "train", metadata, args.batch_size, shuffle=True, repeat=True,
-            seed=config.seed, input_context=input_context, for_training=False)
+            seed=config.seed, input_context=input_context, for_training=False,
+            cold_start_rate=cold_start_rate)
 
     with strategy.scope():
         model = model_lib.build_model(config, metadata, item_embeddings)
