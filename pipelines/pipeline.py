@@ -3,7 +3,8 @@
   acquire raw logs (generate, or ingest canonical / KuaiSAR / JDsearch) -> preprocess (Beam)
   -> train -> evaluate -> gate on metric thresholds (dsl.If) -> export a new model version
 
-Compile with `python -m pipelines.compile`; run on this machine with `python -m pipelines.run_local`.
+Compile with `python -m pipelines.compile`; run on this machine with
+`python -m pipelines.run_local`.
 """
 from kfp import dsl
 

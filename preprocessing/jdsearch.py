@@ -73,7 +73,8 @@ METRICS_NAMESPACE = "preprocessing.jdsearch"
 TASKS = F.JDSEARCH_TASKS
 ENGAGEMENT_NAMES = F.ENGAGEMENT_NAMES[FORMAT]
 BASE_TIME_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z, an arbitrary documented anchor
-TIME_UNIT_MS = 1000  # gaps read as seconds: the README names no unit; gaps like 22967659 (~9 months) fit
+# gaps read as seconds: the README names no unit; gaps like 22967659 (~9 months) fit
+TIME_UNIT_MS = 1000
 TERM_SEPARATOR = "\x18"
 LIST_SEPARATOR = "_"
 NO_QUERY = "-1"

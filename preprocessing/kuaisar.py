@@ -189,7 +189,8 @@ def validate(input_dir: str) -> Dict[str, List[str]]:
             present = sorted(m.path.rsplit("/", 1)[-1] for m in
                              FileSystems.match([os.path.join(input_dir, "*")])[0].metadata_list)
             raise ValueError(
-                f"--input-format kuaisar needs {name} in {input_dir} (found: {present or 'nothing'}). "
+                f"--input-format kuaisar needs {name} in {input_dir} "
+                f"(found: {present or 'nothing'}). "
                 f"Expected the KuaiSAR CSV files {sorted(REQUIRED_COLUMNS)}; "
                 "for the project's own Parquet layout use --input-format canonical.")
         header = read_header(path)

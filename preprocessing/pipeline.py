@@ -177,7 +177,8 @@ class ValidateItems(beam.DoFn):
             return
         categories = tuple(item.categories)[:F.NUM_CATEGORY_LEVELS]
         yield item._replace(embedding=tuple(float(v) for v in embedding),
-                            categories=categories + ("",) * (F.NUM_CATEGORY_LEVELS - len(categories)))
+                            categories=categories
+                            + ("",) * (F.NUM_CATEGORY_LEVELS - len(categories)))
 
 
 def build_catalog(items: List[Any]) -> Dict[str, Any]:
@@ -384,7 +385,8 @@ class JoinUser(beam.DoFn):
             rt_n = len(features[F.seq_feature(F.REAL_TIME, F.SEQ_ITEM)])
             yield beam.pvalue.TaggedOutput(STATS, S.hist("long", long_n))
             yield beam.pvalue.TaggedOutput(STATS, S.hist("rt", rt_n))
-            yield beam.pvalue.TaggedOutput(STATS, S.hist("candidates", len(request[F.CANDIDATE_ITEM])))
+            yield beam.pvalue.TaggedOutput(
+                STATS, S.hist("candidates", len(request[F.CANDIDATE_ITEM])))
             if rt_n == 0:
                 yield _stat("requests_with_empty_history")
             yield _stat("examples")
@@ -410,7 +412,6 @@ def reader_for(input_format: str, input_dir: str, prepared: Dict[str, Any]) -> b
 def expand_core(records: Dict[str, beam.PCollection], config: Dict[str, Any], output: str
                 ) -> Dict[str, beam.PCollection]:
     """Applies the core to a reader's records; writes everything under `output`."""
-    pipeline = records["requests"].pipeline
     work = os.path.join(output, WORK_DIR)
 
     items = (records["items"]
@@ -674,7 +675,8 @@ def run(argv: Optional[Sequence[str]] = None, progress=print) -> Dict[str, Any]:
         if old.metadata_list:
             FileSystems.delete([m.path for m in old.metadata_list])
         options, runner = O.pipeline_options(beam_args, args.workers)
-        progress(f"[2/3] running the Beam pipeline ({'in-process, ' + str(args.workers) + ' worker(s)' if runner else 'runner from options'})")
+        where = f"in-process, {args.workers} worker(s)" if runner else "runner from options"
+        progress(f"[2/3] running the Beam pipeline ({where})")
         with beam.Pipeline(runner=runner, options=options) as p:
             records = p | "Read" >> reader_for(args.input_format, args.input, prepared)
             expand_core(records, config, args.output)

@@ -8,7 +8,7 @@ distribution (min / mean / percentiles / max) is exact.
 from __future__ import annotations
 
 import collections
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import apache_beam as beam
 

@@ -54,7 +54,8 @@ def test_make_example_names_the_inconsistent_field():
 def test_metadata_round_trip_and_rejects_unknown_keys(tmp_path):
     md = F.DatasetMetadata(num_items=12, tasks=("click", "cart"))
     md.save(str(tmp_path))
-    assert F.DatasetMetadata.load(str(tmp_path)) == F.DatasetMetadata(**{**md.__dict__, "tasks": ["click", "cart"], "engagement_names": list(md.engagement_names)})
+    assert F.DatasetMetadata.load(str(tmp_path)) == F.DatasetMetadata(**{
+        **md.__dict__, "tasks": ["click", "cart"], "engagement_names": list(md.engagement_names)})
     (tmp_path / F.METADATA_FILE).write_text('{"bogus": 1}')
     with pytest.raises(ValueError, match="bogus"):
         F.DatasetMetadata.load(str(tmp_path))

@@ -84,5 +84,6 @@ def test_online_sequences_equal_the_training_examples_field_by_field(raw_logs, t
     if mode == "stage1_threshold":
         # the threshold bites: some requests keep fewer than K1 although they have more history
         lengths = [len(e[F.seq_feature(F.LONG_TERM, F.SEQ_ITEM)]) for e in split_examples(out)]
-        rt_full = [len(e[F.seq_feature(F.REAL_TIME, F.SEQ_ITEM)]) == RT for e in split_examples(out)]
+        rt_full = [len(e[F.seq_feature(F.REAL_TIME, F.SEQ_ITEM)]) == RT
+                   for e in split_examples(out)]
         assert any(n < K1 and full for n, full in zip(lengths, rt_full))

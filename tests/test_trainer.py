@@ -50,14 +50,14 @@ def test_training_loss_goes_down_and_outputs_are_written(tiny_dataset, tmp_path)
 def test_same_seed_same_run_and_other_seed_differs(tiny_dataset, tmp_path):
     import tensorflow as tf
 
-    a = _train(tiny_dataset, tmp_path / "a", "--model", "dnn", "--epochs", "2", "--steps-per-epoch", "2",
-               "--seed", "7")
+    a = _train(tiny_dataset, tmp_path / "a", "--model", "dnn", "--epochs", "2",
+               "--steps-per-epoch", "2", "--seed", "7")
     tf.keras.backend.clear_session()
-    b = _train(tiny_dataset, tmp_path / "b", "--model", "dnn", "--epochs", "2", "--steps-per-epoch", "2",
-               "--seed", "7")
+    b = _train(tiny_dataset, tmp_path / "b", "--model", "dnn", "--epochs", "2",
+               "--steps-per-epoch", "2", "--seed", "7")
     tf.keras.backend.clear_session()
-    c = _train(tiny_dataset, tmp_path / "c", "--model", "dnn", "--epochs", "2", "--steps-per-epoch", "2",
-               "--seed", "8")
+    c = _train(tiny_dataset, tmp_path / "c", "--model", "dnn", "--epochs", "2",
+               "--steps-per-epoch", "2", "--seed", "8")
     tf.keras.backend.clear_session()
     assert a["train_loss_this_run"] == pytest.approx(b["train_loss_this_run"], rel=1e-5)
     assert [h["eval_gauc"] for h in a["history"]] == pytest.approx(

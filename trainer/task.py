@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import common  # noqa: F401  (tf-keras switch before TensorFlow loads)
 from common.cli import HelpFormatter
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch-size", type=int, default=256,
                         help="requests per batch when evaluating each epoch")
     parser.add_argument("--log-every-steps", type=int, default=100,
-                        help="log progress (loss, requests/s) and TensorBoard scalars every N steps")
+                        help="log progress (loss, requests/s) and TensorBoard scalars every N "
+                             "steps")
     parser.add_argument("--strategy", default="auto",
                         choices=("auto", "default", "mirrored", "multi_worker"),
                         help="distribution strategy; auto: multi-worker when TF_CONFIG is set, "
