@@ -20,6 +20,7 @@ SIGTERM/SIGINT drain: health turns NOT_SERVING, new RPCs are refused, in-flight 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -455,17 +456,60 @@ def _spec_version(spec):
     return None, None
 
 
+class RequestGate:
+    """Counts the RPCs in flight. Once closed (the drain), new RPCs get UNAVAILABLE from here:
+    a status clients may safely retry elsewhere, since the request never ran (gRPC itself
+    would cancel calls that arrive while it stops)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def enter(self):
+        with self._cv:
+            if self._closed:
+                raise errors.unavailable("the server is shutting down; retry on another replica")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._cv.notify_all()
+
+    def close_and_wait(self, timeout: float) -> int:
+        """Refuses new RPCs, waits up to `timeout` s for the running ones; how many remain."""
+        with self._cv:
+            self._closed = True
+            self._cv.wait_for(lambda: not self._inflight, timeout)
+            return self._inflight
+
+
 def _guard(method):
     """Runs one RPC; converts every failure into a gRPC status (the server never crashes)."""
     name = method.__name__
 
     def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            with self.gate.enter():
+                return method(self, request, context)
         except Exception as exc:
             err = errors.from_exception(exc)
             if err.code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
+            elif self.gate.closed:  # every late request of a drain: not worth a line each
+                log.debug("%s rejected: %s", name, err)
             else:
                 log.info("%s rejected: %s", name, err)
             context.abort(err.code, err.message)
@@ -482,8 +526,8 @@ def _servicers():
     from tensorflow_serving.apis import status_pb2
 
     class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-        def __init__(self, manager: ModelManager, inference: Inference):
-            self.manager, self.inference = manager, inference
+        def __init__(self, manager: ModelManager, inference: Inference, gate: RequestGate):
+            self.manager, self.inference, self.gate = manager, inference, gate
 
         def _acquire(self, spec):
             version, label = _spec_version(spec)
@@ -536,7 +580,7 @@ def _servicers():
 
     class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         def __init__(self, manager: ModelManager, server: "ModelServer"):
-            self.manager, self.server = manager, server
+            self.manager, self.server, self.gate = manager, server, server.gate
 
         @_guard
         def GetModelStatus(self, request, context):
@@ -636,6 +680,7 @@ class ModelServer:
         self._health_lock = threading.Lock()
         self._lame_duck = False
         self._abort_start = threading.Event()
+        self.gate = RequestGate()
 
     def update_health(self) -> None:
         from grpc_health.v1 import health_pb2
@@ -695,7 +740,7 @@ class ModelServer:
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            prediction_cls(self.manager, self.inference), self._server)
+            prediction_cls(self.manager, self.inference, self.gate), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             model_cls(self.manager, self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -731,8 +776,15 @@ class ModelServer:
         with self._health_lock:
             self._lame_duck = True
             self.health.enter_graceful_shutdown()
+        started = time.monotonic()
+        running = self.gate.inflight
+        left = self.gate.close_and_wait(grace)
+        if running or left:
+            log.info("drain: %d requests were in flight, %d still running after %.2fs", running,
+                     left, time.monotonic() - started)
         if self._server is not None:
-            self._server.stop(grace).wait()
+            # Only RPCs that arrive now (refused by the gate) or stragglers past `grace` remain.
+            self._server.stop(max(0.5, grace - (time.monotonic() - started))).wait()
         self.manager.stop()
 
     def wait(self) -> None:
