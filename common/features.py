@@ -59,7 +59,33 @@ JDSEARCH_TASKS = ("click", "cart", "purchase")
 # KuaiSAR's search log (src_inter.csv) carries only clicks (click_cnt): no watch time or like
 # of the search result, so its requests have one task.
 KUAISAR_TASKS = ("click",)
+# The tasks of a format's logs without optional columns; a reader adds WATCH_TIME when its logs
+# carry the play time of every shown candidate (canonical `play_time_s`), and metadata.json
+# records the resulting list.
 TASKS_BY_FORMAT = {"canonical": DEFAULT_TASKS, "kuaisar": KUAISAR_TASKS, "jdsearch": JDSEARCH_TASKS}
+
+# Watch time (PR2's "play" objective): the play time in seconds of a shown candidate, 0 when it
+# was not clicked. Its model output is the expected play time per impression, E[T | x] in
+# seconds (Covington et al., "Deep Neural Networks for YouTube Recommendations", RecSys 2016,
+# rank by expected watch time). Every other task is binary and its output a probability.
+WATCH_TIME = "watch_time"
+REGRESSION_TASKS = (WATCH_TIME,)
+WATCH_TIME_TASKS = DEFAULT_TASKS + (WATCH_TIME,)  # canonical logs that carry play time
+
+
+def is_binary_task(task: str) -> bool:
+    """True for a 0/1 task (output = probability), False for a regression task (watch time)."""
+    return task not in REGRESSION_TASKS
+
+
+def binary_tasks(tasks: Sequence[str]) -> List[str]:
+    """The 0/1 tasks of `tasks`, in order (AUC, log loss, ECE and Classify apply to these)."""
+    return [t for t in tasks if is_binary_task(t)]
+
+
+def regression_tasks(tasks: Sequence[str]) -> List[str]:
+    """The real-valued tasks of `tasks`, in order (watch time)."""
+    return [t for t in tasks if not is_binary_task(t)]
 
 # ---- request-level features ----------------------------------------------------------------
 REQUEST_ID = "request_id"  # bytes, for grouping (GAUC by request)
@@ -175,13 +201,14 @@ def seq_feature(sequence: str, field: str) -> str:
 
 
 def label_feature(task: str) -> str:
-    """Per-candidate 0/1 label of a task, e.g. 'label_click'."""
+    """Per-candidate label of a task, e.g. 'label_click' (0/1), 'label_watch_time' (seconds)."""
     return f"label_{task}"
 
 
 def true_prob_feature(task: str) -> str:
-    """Per-candidate true probability of a task (generated data only), e.g. 'prob_click'."""
-    return f"prob_{task}"
+    """Per-candidate true value of a task (generated data only): the probability of a binary
+    task ('prob_click'), the expected value of a regression task ('expected_watch_time')."""
+    return f"prob_{task}" if is_binary_task(task) else f"expected_{task}"
 
 
 # ---- model outputs (the ranking model's output dict; serving signatures reuse the keys) ------
@@ -309,7 +336,8 @@ def sequence_specs(sequence: str) -> List[FeatureSpec]:
 
 
 def label_specs(metadata: DatasetMetadata) -> List[FeatureSpec]:
-    """Per-candidate labels of every task, and true probabilities when the data has them."""
+    """Per-candidate labels of every task, and true values (probabilities, expected watch time)
+    when the data has them."""
     specs = [FeatureSpec(label_feature(t), "float32", LABEL_LEVEL) for t in metadata.tasks]
     if metadata.has_true_probabilities:
         specs += [FeatureSpec(true_prob_feature(t), "float32", LABEL_LEVEL)

@@ -38,7 +38,11 @@ REQUIRED_COLUMNS = {
 QUERY_VOCAB_COLUMNS = ("token_id", "word", "embedding")
 PROFILE_FIELDS = REQUIRED_COLUMNS[USERS][1:]
 TASKS = F.TASKS_BY_FORMAT[FORMAT]
-TRUE_PROB_COLUMNS = {task: f"p_{task}" for task in TASKS}
+# requests.parquet column of each task's labels and of its true value (generated data only);
+# the optional `play_time_s` column adds the watch-time task (F.WATCH_TIME_TASKS).
+LABEL_COLUMNS = dict({task: task for task in TASKS}, **{F.WATCH_TIME: "play_time_s"})
+TRUE_PROB_COLUMNS = dict({task: f"p_{task}" for task in TASKS},
+                         **{F.WATCH_TIME: "expected_play_time_s"})
 
 
 class InputError(ValueError):
@@ -76,7 +80,8 @@ def _first_embedding_dim(path: str, column: str) -> Optional[int]:
 
 def validate(input_dir: str, embedding_dim: Optional[int] = None) -> Dict[str, Any]:
     """Checks files and columns; returns what the pipeline needs to know before it starts:
-    embedding_dim, has_true_probabilities, has_query_vocab."""
+    embedding_dim, tasks (with watch time when requests carry `play_time_s`),
+    has_true_probabilities, has_query_vocab."""
     from apache_beam.io.filesystems import FileSystems
 
     if not FileSystems.exists(input_dir):
@@ -103,7 +108,8 @@ def validate(input_dir: str, embedding_dim: Optional[int] = None) -> Dict[str, A
             raise InputError(f"{_path(input_dir, name)} lacks columns {absent} (has "
                              f"{sorted(names)}); see docs/ARCHITECTURE.md section 1")
         columns[name] = names
-    has_true = all(c in columns[REQUESTS] for c in TRUE_PROB_COLUMNS.values())
+    tasks = F.WATCH_TIME_TASKS if LABEL_COLUMNS[F.WATCH_TIME] in columns[REQUESTS] else TASKS
+    has_true = all(TRUE_PROB_COLUMNS[t] in columns[REQUESTS] for t in tasks)
     has_vocab = FileSystems.exists(_path(input_dir, QUERY_VOCAB))
     if has_vocab:
         names = set(_schema(_path(input_dir, QUERY_VOCAB)).names)
@@ -115,7 +121,7 @@ def validate(input_dir: str, embedding_dim: Optional[int] = None) -> Dict[str, A
         raise InputError(f"{_path(input_dir, ITEMS)} has no item with an embedding, so the "
                          "embedding dimension is unknown; pass --embedding-dim or fix the file")
     return {"embedding_dim": int(dim), "has_true_probabilities": has_true,
-            "has_query_vocab": has_vocab, "tasks": TASKS,
+            "has_query_vocab": has_vocab, "tasks": tasks,
             "engagement_names": F.ENGAGEMENT_NAMES[FORMAT]}
 
 
@@ -238,7 +244,8 @@ def _float_list(row: Dict[str, Any], column: str, n: int) -> List[float]:
     return out
 
 
-def parse_request(row: Dict[str, Any], dim: int, has_true_probabilities: bool) -> RequestRecord:
+def parse_request(row: Dict[str, Any], dim: int, has_true_probabilities: bool,
+                  tasks: Sequence[str] = TASKS) -> RequestRecord:
     timestamp = _int(row, "timestamp")
     if timestamp < 0:
         raise RowError("negative_timestamp")
@@ -253,11 +260,13 @@ def parse_request(row: Dict[str, Any], dim: int, has_true_probabilities: bool) -
         tokens = tuple(int(t) for t in tokens)
     except (TypeError, ValueError):
         raise RowError("unparseable_query_tokens") from None
-    labels = {task: _float_list(row, task, len(candidates)) for task in TASKS}
+    labels = {task: _float_list(row, LABEL_COLUMNS[task], len(candidates)) for task in tasks}
+    if F.WATCH_TIME in labels and any(v < 0 for v in labels[F.WATCH_TIME]):
+        raise RowError("negative_play_time_s")
     probs = None
     if has_true_probabilities:
         probs = {task: _float_list(row, TRUE_PROB_COLUMNS[task], len(candidates))
-                 for task in TASKS}
+                 for task in tasks}
     return RequestRecord(request_id=_text(row, "request_id"), user_id=_text(row, "user_id"),
                          timestamp_ms=timestamp, query_tokens=tokens,
                          query_embedding=_embedding(row, "query_embedding", dim),
@@ -307,7 +316,8 @@ class ReadCanonical(beam.PTransform):
         dim, has_true = self.info["embedding_dim"], self.info["has_true_probabilities"]
         parsers = {"items": (ITEMS, parse_item, (dim,)), "users": (USERS, parse_user, ()),
                    "behaviours": (BEHAVIOURS, parse_behaviour, ()),
-                   "requests": (REQUESTS, parse_request, (dim, has_true))}
+                   "requests": (REQUESTS, parse_request,
+                                (dim, has_true, tuple(self.info.get("tasks", TASKS))))}
         out, dead = {}, []
         for key, (name, parser, args) in parsers.items():
             parsed = (pbegin

@@ -71,10 +71,10 @@ briefly otherwise (min(Beta(1.3, 5), 0.79), mean ~0.21); its `play_time_s` is wa
 duration (0 when not clicked), and its true expected play time is
     E[play] = p_click * duration * (c_long * 1.08 + (1 - c_long) * 0.21)
 with c_long = p_long_view / p_click: duration is independent of relevance, so ranking by
-expected watch time and by p_click disagree, a trade-off the fused score has to settle. Each clicked candidate
-is also appended to behaviours.parquet with source=search, 3 seconds to a few minutes after the
-request (never before it), with engagement matching its long_view/like labels: point-in-time
-joins must exclude these from their own request.
+expected watch time and by p_click disagree, a trade-off the fused score has to settle. Each
+clicked candidate is also appended to behaviours.parquet with source=search, 3 seconds to a few
+minutes after the request (never before it), with engagement matching its long_view/like
+labels: point-in-time joins must exclude these from their own request.
 
 Determinism and scale. Output is a function of the seed alone: the world (topics, vocabulary,
 items) and the per-user scalars (history length, interests, number of requests) come from fixed

@@ -114,3 +114,25 @@ def test_every_layout_function_follows_the_one_feature_table():
         if spec.vocabulary:
             assert 1 <= int(np.min(parsed[spec.name].numpy()[parsed[spec.name].numpy() > 0])) \
                 and int(np.max(parsed[spec.name])) <= md.vocabulary_size(spec), spec.name
+
+
+def test_watch_time_is_a_regression_task_with_label_and_truth_in_the_table():
+    assert F.binary_tasks(F.WATCH_TIME_TASKS) == list(F.DEFAULT_TASKS)
+    assert F.regression_tasks(F.WATCH_TIME_TASKS) == [F.WATCH_TIME]
+    assert F.true_prob_feature("click") == "prob_click"
+    assert F.true_prob_feature(F.WATCH_TIME) == "expected_watch_time"
+    md = F.DatasetMetadata(tasks=F.WATCH_TIME_TASKS, has_true_probabilities=True,
+                           embedding_dim=4, num_items=5, num_authors=2, num_categories=2,
+                           num_users=2, long_term_length=3, real_time_length=2)
+    names = [s.name for s in F.label_specs(md)]
+    assert "label_watch_time" in names and "expected_watch_time" in names
+    request = F.random_request(md, np.random.default_rng(0), num_candidates=3)
+    request["label_watch_time"] = [0.0, 12.5, 3.25]
+    request["expected_watch_time"] = [1.0, 2.0, 3.0]
+    parsed = F.parse_examples(
+        [F.make_example(request, md.tasks).SerializeToString()], md)
+    np.testing.assert_allclose(parsed["label_watch_time"].numpy(), [[0.0, 12.5, 3.25]])
+    np.testing.assert_allclose(parsed["expected_watch_time"].numpy(), [[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="label_watch_time"):
+        F.make_example({k: v for k, v in request.items() if k != "label_watch_time"},
+                       md.tasks)

@@ -197,3 +197,57 @@ def test_lift_captured():
     assert M.lift_captured(0.7, 0.9) == pytest.approx(0.5)
     assert M.lift_captured(0.5, 0.9) == pytest.approx(0.0)
     assert math.isnan(M.lift_captured(0.7, 0.5))
+
+
+# ---- calibration and top-k objectives ----------------------------------------------------------
+def _ece_reference(labels, predictions, bins=15):
+    """Plain-Python ECE: equal-width bins over [0, 1], the last bin closed."""
+    total, n = 0.0, len(labels)
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [(y, p) for y, p in zip(labels, predictions)
+                   if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if members:
+            mean_y = sum(y for y, _ in members) / len(members)
+            mean_p = sum(p for _, p in members) / len(members)
+            total += len(members) / n * abs(mean_p - mean_y)
+    return total
+
+
+def test_expected_calibration_error_hand_computed_and_against_reference():
+    # two bins used: {0.1, 0.1} with labels {0, 1}; {0.9} with label 1
+    assert M.expected_calibration_error([0, 1, 1], [0.1, 0.1, 0.9], bins=2) == pytest.approx(
+        2 / 3 * 0.4 + 1 / 3 * 0.1)
+    rng = np.random.default_rng(5)
+    p = rng.random(500)
+    p[:5] = [0.0, 1.0, 1 / 15, 2 / 15, 0.5]  # edges
+    y = (rng.random(500) < p ** 1.5).astype(float)
+    assert M.expected_calibration_error(y, p) == pytest.approx(_ece_reference(y, p), abs=1e-12)
+    # perfectly calibrated in every bin -> 0
+    assert M.expected_calibration_error([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.0
+
+
+def test_reliability_bins_and_relative_error_for_unbounded_values():
+    rb = M.reliability_bins([0, 1, 1, 1], [0.05, 0.1, 0.92, 0.95], bins=10)
+    np.testing.assert_array_equal(rb.count, [1, 1, 2])
+    np.testing.assert_allclose(rb.mean_prediction, [0.05, 0.1, 0.935])
+    np.testing.assert_allclose(rb.mean_label, [0.0, 1.0, 1.0])
+    seconds = np.array([1.0, 2.0, 3.0, 40.0])
+    watched = np.array([0.0, 2.0, 3.0, 60.0])
+    mean = watched.mean()
+    ece = M.expected_calibration_error(watched, seconds, bins=2, relative_to=mean)
+    # equal-mass bins {1, 2} and {3, 40}: gaps |1.5 - 1| and |21.5 - 31.5|
+    assert ece == pytest.approx((0.5 * 0.5 + 0.5 * 10.0) / mean)
+
+
+def test_top_k_mean_sum_against_reference():
+    rng = np.random.default_rng(6)
+    groups = np.repeat(np.arange(30), 7)
+    scores = rng.integers(0, 4, len(groups)).astype(float)  # ties keep the listed order
+    values = rng.random(len(groups))
+    expected = []
+    for g in range(30):
+        idx = np.flatnonzero(groups == g)
+        order = sorted(idx, key=lambda i: (-scores[i], i))[:3]
+        expected.append(values[order].sum())
+    assert M.top_k_mean_sum(values, scores, groups, 3) == pytest.approx(np.mean(expected))

@@ -368,3 +368,75 @@ def test_k1_and_threshold_come_from_stage1_data_and_contradictions_are_refused()
     model = M.build_model(C.preset("qin"), stage1, np.zeros((1, stage1.embedding_dim),
                                                             np.float32))
     assert model.rsu.k1 == 40 and model.rsu.threshold == 0.3 and model.rsu.precomputed_stage1
+
+
+@pytest.fixture(scope="module")
+def watch_data(tmp_path_factory):
+    from tests.tiny_dataset import write_tiny_dataset
+
+    directory = write_tiny_dataset(str(tmp_path_factory.mktemp("watch")),
+                                   tasks=F.WATCH_TIME_TASKS)
+    metadata = F.DatasetMetadata.load(directory)
+    files = sorted(glob.glob(os.path.join(directory, "train", "*.tfrecord.gz")))
+    batch = next(iter(tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH)
+                      .map(lambda s: F.parse_examples(s, metadata))))
+    return dict(metadata=metadata, batch=batch,
+                embeddings=np.load(os.path.join(directory, F.ITEM_EMBEDDINGS_FILE)))
+
+
+@pytest.mark.parametrize("method", C.WATCH_TIME_LOSSES)
+def test_watch_time_head_outputs_seconds_and_its_loss_is_the_documented_one(watch_data, method):
+    """The watch-time output is an expected play time in seconds (not a probability); the loss
+    is the Poisson deviance on T / s, or YouTube's weighted logistic loss whose odds times
+    P(no play) give E[T]; the default score ignores watch time."""
+    cfg = small("dnn", watch_time_loss=method, watch_time_scale_s=10.0)
+    model = build(watch_data, cfg)
+    batch = watch_data["batch"]
+    out = numpy_outputs(model(batch))
+    mask = F.candidate_mask(batch).numpy()
+    t = out[F.WATCH_TIME]
+    assert t.shape == out["click"].shape and t.dtype == np.float32
+    assert np.all(t[mask] > 0) and np.all(np.isfinite(t))
+    assert np.max(t[mask]) > 1.0  # on the scale of seconds (s = 10 at initialisation)
+    expected_score = out["click"] * out["long_view"] ** 0.5 * out["like"] ** 0.5
+    np.testing.assert_allclose(out[F.SCORE], expected_score, rtol=1e-4)
+
+    y = batch[F.label_feature(F.WATCH_TIME)].numpy()[mask].astype(np.float64) / 10.0
+    pred = t[mask].astype(np.float64) / 10.0
+    if method == "poisson":
+        watch_loss = np.mean(pred - y * np.log(pred + 1e-7))
+    else:
+        odds = pred / (1.0 - out["click"][mask])
+        q = odds / (1.0 + odds)
+        played = (y > 0).astype(float)
+        weight = np.where(y > 0, y, 1.0)
+        watch_loss = np.sum(weight * -(played * np.log(q) + (1 - played) * np.log(1 - q))) \
+            / len(y)
+    binary_loss = 0.0
+    for task in F.binary_tasks(watch_data["metadata"].tasks):
+        p = out[task][mask].astype(np.float64)
+        label = batch[F.label_feature(task)].numpy()[mask]
+        binary_loss += np.mean(-(label * np.log(p) + (1 - label) * np.log(1 - p)))
+    assert y.max() > 0  # the batch has plays: the watch term is not trivial
+    np.testing.assert_allclose(float(model.compute_loss(batch)), binary_loss + watch_loss,
+                               rtol=1e-4)
+
+
+def test_tuned_weights_and_calibration_change_outputs_and_score(watch_data):
+    from trainer import calibration as Cal
+
+    model = build(watch_data, small("dnn"))
+    batch = watch_data["batch"]
+    before = numpy_outputs(model(batch))
+    knots = Cal.Knots("isotonic", np.array([0.0, 1.0, 100.0]), np.array([2.0, 3.0, 50.0]))
+    model.calibration.assign(F.WATCH_TIME, knots)
+    model.set_score_weights({"click": 1.0, F.WATCH_TIME: 0.5})
+    after = numpy_outputs(model(batch))
+    np.testing.assert_allclose(after[F.WATCH_TIME], knots(before[F.WATCH_TIME]), rtol=1e-5)
+    np.testing.assert_allclose(after["click"], before["click"])
+    np.testing.assert_allclose(after[F.SCORE], after["click"] * after[F.WATCH_TIME] ** 0.5,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="purchase"):
+        model.set_score_weights({"purchase": 1.0})
+    with pytest.raises(ValueError, match="watch_time_loss"):
+        small("dnn", watch_time_loss="mse")

@@ -64,7 +64,8 @@ def data(tmp_path_factory):
     requests = read(out, syn.REQUEST_FILE).to_pandas()
     truth_requests = read(out, "truth/requests.parquet").to_pandas()
     requests = requests.merge(truth_requests, on=["request_id", "user_id"], validate="1:1")
-    columns = ["candidate_item_ids"] + list(TASKS) + [f"p_{t}" for t in TASKS]
+    columns = (["candidate_item_ids"] + list(TASKS) + [f"p_{t}" for t in TASKS]
+               + ["play_time_s", "expected_play_time_s"])
     shown = requests.explode(columns)
     shown["topic"] = items.topic.reindex(shown.candidate_item_ids).to_numpy()
     shown["subtopic"] = items.subtopic.reindex(shown.candidate_item_ids).to_numpy()
@@ -75,6 +76,10 @@ def data(tmp_path_factory):
     for t in TASKS:
         shown[t] = shown[t].astype(int)
         shown[f"p_{t}"] = shown[f"p_{t}"].astype(float)
+    for column in ("play_time_s", "expected_play_time_s"):
+        shown[column] = shown[column].astype(float)
+    shown["duration_s"] = read(out, syn.ITEM_FILE).to_pandas().set_index(
+        "item_id").duration_s.reindex(shown.candidate_item_ids).to_numpy()
     behaviours = read(out, syn.BEHAVIOUR_FILE).to_pandas()
     behaviours["topic"] = items.topic.reindex(behaviours.item_id).to_numpy()
     behaviours["subtopic"] = items.subtopic.reindex(behaviours.item_id).to_numpy()
@@ -106,7 +111,8 @@ def test_every_file_has_the_canonical_schema(small):
                            ("query_tokens", pa.list_(pa.int64())), ("query_embedding", f32),
                            ("candidate_item_ids", pa.list_(s)), ("click", pa.list_(pa.int8())),
                            ("long_view", pa.list_(pa.int8())), ("like", pa.list_(pa.int8())),
-                           ("p_click", f32), ("p_long_view", f32), ("p_like", f32)],
+                           ("play_time_s", f32), ("p_click", f32), ("p_long_view", f32),
+                           ("p_like", f32), ("expected_play_time_s", f32)],
         syn.VOCAB_FILE: [("token_id", pa.int64()), ("word", s), ("embedding", f32)],
     }
     for name in ALL_FILES:
@@ -461,3 +467,57 @@ def test_observable_long_term_deep_history_carries_the_personal_signal(data):
     assert gauc["long_deep"] > gauc["recent50"] + 0.02, gauc
     assert gauc["long_deep"] > gauc["long_unweighted"] + 0.02, gauc
     assert gauc["recent50"] < gauc["relevance"] + 0.02, gauc  # recent history adds ~nothing
+
+
+def test_play_time_of_shown_candidates_and_its_true_expectation(data):
+    """play_time_s is watch ratio * duration of clicked candidates (0 otherwise), equal to the
+    play time of the search behaviour the click became; expected_play_time_s is its exact
+    expectation: the observed mean matches it overall and within duration and click-probability
+    strata (a wrong formula, e.g. without the duration or the long-view mix, would not)."""
+    shown, beh = data["shown"], data["behaviours"]
+    assert (shown.loc[shown.click == 0, "play_time_s"] == 0).all()
+    assert (shown.loc[shown.click == 1, "play_time_s"] > 0).all()
+    # the request's play times are the search behaviours' play times, click for click
+    search = beh[beh.source == "search"]
+    assert np.allclose(np.sort(shown.loc[shown.click == 1, "play_time_s"].to_numpy()),
+                       np.sort(search.play_time_s.to_numpy()), rtol=1e-6)
+    # the closed form, recomputed by hand from the true probabilities and the duration
+    c_long = shown.p_long_view / shown.p_click
+    by_hand = shown.p_click * shown.duration_s * (
+        c_long * syn.DEEP_WATCH_RATIO_MEAN + (1 - c_long) * syn.SHORT_WATCH_RATIO_MEAN)
+    np.testing.assert_allclose(shown.expected_play_time_s, by_hand, rtol=1e-4)
+    assert 0.20 < syn.SHORT_WATCH_RATIO_MEAN < 0.21 and syn.DEEP_WATCH_RATIO_MEAN == 1.08
+    # unbiased: observed mean / expected mean near 1, overall and per stratum
+    ratio = shown.play_time_s.sum() / shown.expected_play_time_s.sum()
+    assert 0.93 < ratio < 1.07, ratio
+    long_items = shown.duration_s > shown.duration_s.median()
+    likely = shown.p_click > shown.p_click.median()
+    for stratum in (long_items, ~long_items, likely, ~likely):
+        part = shown[stratum]
+        assert 0.85 < part.play_time_s.sum() / part.expected_play_time_s.sum() < 1.15
+    # duration drives the expectation apart from p_click: the two rankings differ
+    assert np.corrcoef(shown.expected_play_time_s, shown.p_click)[0, 1] < 0.9
+
+
+def test_canonical_reader_adds_the_watch_time_task_when_requests_carry_play_time(small,
+                                                                                  tmp_path):
+    import shutil
+
+    from preprocessing import canonical
+
+    out, _ = small
+    info = canonical.validate(out)
+    assert info["tasks"] == F.WATCH_TIME_TASKS and info["has_true_probabilities"]
+    row = read(out, syn.REQUEST_FILE).slice(0, 1).to_pylist()[0]
+    record = canonical.parse_request(row, 8, True, info["tasks"])
+    assert record.labels[F.WATCH_TIME] == pytest.approx(row["play_time_s"])
+    assert record.true_probabilities[F.WATCH_TIME] == pytest.approx(row["expected_play_time_s"])
+    with pytest.raises(canonical.RowError, match="negative_play_time_s"):
+        canonical.parse_request(dict(row, play_time_s=[-1.0] * len(row["play_time_s"])), 8,
+                                True, info["tasks"])
+    # logs without play time: the three binary tasks, as before
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    table = read(out, syn.REQUEST_FILE).drop(["play_time_s", "expected_play_time_s"])
+    pq.write_table(table, plain / syn.REQUEST_FILE)
+    assert canonical.validate(str(plain))["tasks"] == F.DEFAULT_TASKS

@@ -2,6 +2,9 @@
 (metadata.json, item_embeddings.npy, vocab/, {train,eval,test}/*.tfrecord.gz), straight from
 `common.features.make_example`. Clicks follow a planted rule (the candidate shares the query's
 topic and resembles the user's deep-engaged long-term behaviours), so a model can learn it.
+With `tasks=F.WATCH_TIME_TASKS` clicked candidates also get a play time (duration of the item
+times a uniform watch ratio in [0.2, 1.0]) and the true expected play time; those draws come
+from their own stream, so the other features do not change.
 """
 import os
 
@@ -11,7 +14,8 @@ from common import features as F
 
 
 def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60, embedding_dim=8,
-                       long_term_length=40, real_time_length=10, seed=0):
+                       long_term_length=40, real_time_length=10, seed=0,
+                       tasks=F.DEFAULT_TASKS):
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
@@ -24,7 +28,9 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                            num_categories=topics * 2, num_users=20, query_token_buckets=50,
                            profile_buckets=20, long_term_length=long_term_length,
                            real_time_length=real_time_length, max_candidates=12,
-                           has_true_probabilities=True)
+                           has_true_probabilities=True, tasks=tuple(tasks))
+    watch_rng = np.random.default_rng(seed + 1)
+    duration = watch_rng.uniform(5.0, 60.0, num_items + 1)
     os.makedirs(os.path.join(directory, F.VOCAB_DIR), exist_ok=True)
     np.save(os.path.join(directory, F.ITEM_EMBEDDINGS_FILE), emb.astype(np.float32))
     for name, size in (("items", num_items), ("authors", 10), ("categories", topics * 2),
@@ -71,9 +77,13 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                          + 1.5 * np.isin(item_topic[cands], list(liked_topics)))
                 p = 1 / (1 + np.exp(-logit))
                 click = rng.random(n) < p
-                for task, prob in zip(md.tasks, (p, p * 0.5, p * 0.2)):
+                for task, prob in zip(F.binary_tasks(md.tasks), (p, p * 0.5, p * 0.2)):
                     label = click if task == "click" else click & (rng.random(n) < prob / p)
                     r[F.label_feature(task)] = label.astype(np.float32)
                     r[F.true_prob_feature(task)] = prob
+                if F.WATCH_TIME in md.tasks:
+                    ratio = watch_rng.uniform(0.2, 1.0, n)
+                    r[F.label_feature(F.WATCH_TIME)] = click * duration[cands] * ratio
+                    r[F.true_prob_feature(F.WATCH_TIME)] = p * duration[cands] * 0.6
                 writer.write(F.make_example(r, md.tasks).SerializeToString())
     return directory

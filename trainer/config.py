@@ -29,7 +29,20 @@ Ranking score (``score_formula``):
 * ``"product"`` (default): ``score = prod_t p_t ** w_t``; weights from ``score_weights``.
 * ``"sum"``: ``score = sum_t w_t * p_t``.
 
-When ``score_weights`` is empty the first task gets weight 1 and every other task 0.5.
+When ``score_weights`` is empty the first task gets weight 1, every other binary task 0.5 and
+the watch-time task 0 (the untuned score ranks as before; `python -m trainer.objectives` tunes
+the weights on eval for a stated objective and stores them with the model).
+
+Watch time (``watch_time_loss``, data whose tasks include ``watch_time``): the head predicts
+the expected play time per impression E[T] in seconds, learned by
+
+* ``"poisson"`` (default): E[T] = s * exp(logit), Poisson deviance on T / s over every
+  candidate; its minimiser is the conditional mean, zero play times included;
+* ``"weighted_logistic"``: YouTube's weighted logistic regression (Covington et al., RecSys
+  2016): played candidates are positives weighted by T / s, the others negatives of weight 1;
+  the odds then estimate E[T / s] / P(T = 0), so E[T] = s * exp(logit) * (1 - p_click).
+
+s = ``watch_time_scale_s`` keeps the watch-time loss on the scale of the binary ones.
 """
 from __future__ import annotations
 
@@ -42,6 +55,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 MODEL_TYPES = ("qin", "dnn", "din", "sim_hard", "sim_soft", "twin")
 ATTENTION_FIELDS = ("both", "id")
 SCORE_FORMULAS = ("product", "sum")
+WATCH_TIME_LOSSES = ("poisson", "weighted_logistic")
 LONG_TERM_MODEL_TYPES = ("qin", "sim_hard", "sim_soft", "twin")
 
 
@@ -77,6 +91,8 @@ class ModelConfig:
     task_loss_weights: Dict[str, float] = dataclasses.field(default_factory=dict)  # default 1.0
     score_formula: str = "product"
     score_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
+    watch_time_loss: str = "poisson"  # see the module docstring
+    watch_time_scale_s: float = 10.0  # seconds: the unit of the watch-time loss
     seed: int = 0
 
     # ---- validation --------------------------------------------------------------------------
@@ -90,6 +106,10 @@ class ModelConfig:
             fail(f"attention_fields {self.attention_fields!r} is not one of {ATTENTION_FIELDS}")
         if self.score_formula not in SCORE_FORMULAS:
             fail(f"score_formula {self.score_formula!r} is not one of {SCORE_FORMULAS}")
+        if self.watch_time_loss not in WATCH_TIME_LOSSES:
+            fail(f"watch_time_loss {self.watch_time_loss!r} is not one of {WATCH_TIME_LOSSES}")
+        if not self.watch_time_scale_s > 0:
+            fail(f"watch_time_scale_s must be > 0 (got {self.watch_time_scale_s})")
         if (self.k1 is not None and self.k1 < 1) or self.k2 < 1:
             fail(f"k1 and k2 must be >= 1 (got k1={self.k1}, k2={self.k2})")
         if self.k1 is not None and self.k2 > self.k1:
@@ -158,9 +178,12 @@ class ModelConfig:
 
     def score_weight_map(self, tasks) -> Dict[str, float]:
         """Weights of the fused ranking score per task (see the module docstring)."""
+        from common import features as F
+
         if self.score_weights:
             return {t: float(self.score_weights.get(t, 0.0)) for t in tasks}
-        return {t: (1.0 if i == 0 else 0.5) for i, t in enumerate(tasks)}
+        return {t: (1.0 if i == 0 else 0.5 if F.is_binary_task(t) else 0.0)
+                for i, t in enumerate(tasks)}
 
     @property
     def uses_long_term(self) -> bool:

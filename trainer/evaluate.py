@@ -3,12 +3,16 @@
     python -m trainer.evaluate --data OUT --model-dir M --split test --output E
 
 runs the model over every request of the split, keeps the real candidates (the first
-`num_candidates` of each list) and writes `E/metrics.json` and `E/metrics.md`: per task AUC, log
-loss, GAUC by request and by user; NDCG@5/@10, MRR and HIT@1/5/10 per request over its
-candidate list, ranked by the model's fused `score`, on the click label and on graded relevance
-(the sum of the task labels). On generated data (`metadata.has_true_probabilities`) the same
-metrics are computed for the oracle, which predicts the true probabilities `prob_<task>` and
-ranks by the same score formula: the best any model can do on that data.
+`num_candidates` of each list) and writes `E/metrics.json` and `E/metrics.md`: per binary task
+AUC, log loss, expected calibration error (ECE), GAUC by request and by user; for watch time
+(when the data has it) the mean prediction against the mean play time, MAE, RMSE and the
+correlation with the play time; NDCG@5/@10, MRR and HIT@1/5/10 per request over its candidate
+list, ranked by the model's fused `score`, on the click label and on graded relevance (the sum
+of the binary task labels); clicks@10 and watch time@10 of that ranking. On generated data
+(`metadata.has_true_probabilities`) the same metrics are computed for the oracle, which
+predicts the true values `prob_<task>` / `expected_watch_time` and ranks by the same score
+formula and weights: the best any model can do on that data; and the model's ranking is also
+judged by the true expected clicks and watch time of its top 10.
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
 
 
-def fused_score(probabilities: Dict[str, np.ndarray], config, tasks) -> np.ndarray:
-    """The ranking score of `trainer.config` (score_formula, score_weights) in NumPy."""
-    weights = config.score_weight_map(tasks)
+def fused_score(probabilities: Dict[str, np.ndarray], config, tasks,
+                weights: Optional[Dict[str, float]] = None) -> np.ndarray:
+    """The ranking score of `trainer.config` (score_formula, score_weights) in NumPy; `weights`
+    replaces the config's (e.g. the tuned weights a post-trained model ranks with)."""
+    weights = weights or config.score_weight_map(tasks)
     if config.score_formula == "sum":
         return sum(weights[t] * probabilities[t] for t in tasks)
     score = np.ones_like(probabilities[tasks[0]], dtype=np.float64)
@@ -60,8 +66,8 @@ def predict_flat(model, dataset, metadata: F.DatasetMetadata, max_batches: Optio
                  progress_every: int = 0, infer=None) -> Dict[str, np.ndarray]:
     """Runs `model` over a dataset of parsed feature dicts; returns one row per real candidate.
 
-    Keys: request_id, user_id (bytes), label_<task>, pred_<task>, score, and prob_<task> when the
-    data has true probabilities.
+    Keys: request_id, user_id (bytes), label_<task>, pred_<task>, score, and the true values
+    (`common.features.true_prob_feature`: prob_<task>, expected_watch_time) on generated data.
     """
     tasks = list(metadata.tasks)
     infer = infer or make_infer_fn(model, tasks)
@@ -81,9 +87,9 @@ def predict_flat(model, dataset, metadata: F.DatasetMetadata, max_batches: Optio
         for t in tasks:
             rows[f"label_{t}"] = batch[F.label_feature(t)].numpy()
             rows[f"pred_{t}"] = out[t].numpy()
-            prob = F.true_prob_feature(t)
-            if metadata.has_true_probabilities and prob in batch:
-                rows[f"prob_{t}"] = batch[prob].numpy()
+            truth = F.true_prob_feature(t)
+            if metadata.has_true_probabilities and truth in batch:
+                rows[truth] = batch[truth].numpy()
         for key, value in rows.items():
             if value.shape[:2] != mask.shape:
                 raise ValueError(f"{key} has shape {value.shape}, expected {mask.shape} "
@@ -96,27 +102,73 @@ def predict_flat(model, dataset, metadata: F.DatasetMetadata, max_batches: Optio
     return {k: np.concatenate(v) for k, v in columns.items()}
 
 
-def compute_metrics(flat: Dict[str, np.ndarray], metadata: F.DatasetMetadata, config
-                    ) -> Dict[str, object]:
-    """{"model": metrics, "oracle": metrics or absent, "counts": ...} from `predict_flat` rows."""
+def watch_time_metrics(labels, predictions) -> Dict[str, float]:
+    """How well an expected-watch-time prediction matches the observed play time (seconds)."""
+    y = np.asarray(labels, np.float64)
+    p = np.asarray(predictions, np.float64)
+    corr = float(np.corrcoef(y, p)[0, 1]) if len(y) > 1 and np.std(p) > 0 and np.std(y) > 0 \
+        else float("nan")
+    return {"mean_prediction": float(p.mean()), "mean_label": float(y.mean()),
+            "mae": float(np.mean(np.abs(p - y))), "rmse": float(np.sqrt(np.mean((p - y) ** 2))),
+            "correlation": corr, "candidates": int(len(y))}
+
+
+def _objective_metrics(flat, score, k: int = 10) -> Dict[str, float]:
+    """clicks@k and watch time@k of ranking by `score`, on labels and (generated data) truth."""
+    from trainer import metrics as M
+
+    out = {}
+    groups = flat["request_id"]
+    for prefix, column in (("", F.label_feature), ("oracle_", F.true_prob_feature)):
+        for name, task in (("clicks", "click"), ("watch_time", F.WATCH_TIME)):
+            if column(task) in flat:
+                out[f"{prefix}{name}@{k}"] = M.top_k_mean_sum(flat[column(task)], score,
+                                                              groups, k)
+    return out
+
+
+def compute_metrics(flat: Dict[str, np.ndarray], metadata: F.DatasetMetadata, config,
+                    score_weights: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+    """{"model": metrics, "oracle": metrics or absent, "counts": ...} from `predict_flat` rows.
+
+    `score_weights`: the weights the model ranks with (its tuned ones), for the oracle's score.
+    """
     from trainer import metrics as M
 
     tasks = list(metadata.tasks)
+    binary = F.binary_tasks(tasks)
     labels = {t: flat[f"label_{t}"] for t in tasks}
-    graded = sum(labels[t] for t in tasks) if len(tasks) > 1 else None
+    graded = sum(labels[t] for t in binary) if len(binary) > 1 else None
     result: Dict[str, object] = {
         "counts": {"candidates": int(len(flat["request_id"])),
                    "requests": int(len(np.unique(flat["request_id"]))),
                    "users": int(len(np.unique(flat["user_id"])))},
-        "model": M.all_metrics(labels, {t: flat[f"pred_{t}"] for t in tasks}, flat["score"],
-                               flat["request_id"], flat["user_id"], tasks,
+        "model": M.all_metrics(labels, {t: flat[f"pred_{t}"] for t in binary}, flat["score"],
+                               flat["request_id"], flat["user_id"], binary,
                                graded_relevance=graded),
     }
-    if all(f"prob_{t}" in flat for t in tasks):
-        oracle = {t: flat[f"prob_{t}"].astype(np.float64) for t in tasks}
-        result["oracle"] = M.all_metrics(labels, oracle, fused_score(oracle, config, tasks),
-                                         flat["request_id"], flat["user_id"], tasks,
-                                         graded_relevance=graded)
+    result["model"]["objectives"] = _objective_metrics(flat, flat["score"])
+    for t in binary:
+        result["model"]["tasks"][t]["ece"] = M.expected_calibration_error(
+            labels[t], flat[f"pred_{t}"])
+    for t in F.regression_tasks(tasks):
+        result["model"].setdefault("regression", {})[t] = watch_time_metrics(
+            labels[t], flat[f"pred_{t}"])
+    truth_keys = {t: F.true_prob_feature(t) for t in tasks}
+    if all(key in flat for key in truth_keys.values()):
+        oracle = {t: flat[truth_keys[t]].astype(np.float64) for t in tasks}
+        oracle_score = fused_score(oracle, config, tasks, score_weights)
+        result["oracle"] = M.all_metrics(labels, oracle, oracle_score, flat["request_id"],
+                                         flat["user_id"], binary, graded_relevance=graded)
+        result["oracle"]["objectives"] = _objective_metrics(flat, oracle_score)
+        for t in binary:
+            result["oracle"]["tasks"][t]["ece"] = M.expected_calibration_error(
+                labels[t], oracle[t])
+        for t in F.regression_tasks(tasks):
+            result["oracle"].setdefault("regression", {})[t] = watch_time_metrics(
+                labels[t], oracle[t])
+            result["model"]["regression"][t]["correlation_with_truth"] = float(
+                np.corrcoef(oracle[t], flat[f"pred_{t}"])[0, 1])
     return result
 
 
@@ -135,14 +187,32 @@ def to_markdown(result: Dict[str, object], title: str = "Evaluation") -> str:
     lines = [f"# {title}", "",
              "Candidates: {candidates}, requests: {requests}, users: {users}.".format(
                  **result["counts"]), "",
-             "| predictor | task | AUC | log loss | GAUC (request) | GAUC (user) | "
-             "requests used / skipped |", "|---|---|---|---|---|---|---|"]
+             "| predictor | task | AUC | log loss | ECE | GAUC (request) | GAUC (user) | "
+             "requests used / skipped |", "|---|---|---|---|---|---|---|---|"]
     for name in rows:
         for t in tasks:
             m = result[name]["tasks"][t]
             lines.append(f"| {name} | {t} | {_fmt(m['auc'])} | {_fmt(m['logloss'])} | "
+                         f"{_fmt(m.get('ece'))} | "
                          f"{_fmt(m['gauc_request'])} | {_fmt(m['gauc_user'])} | "
                          f"{m['gauc_request_groups']} / {m['gauc_request_groups_skipped']} |")
+    regression = [(name, t, result[name]["regression"][t]) for name in rows
+                  for t in result[name].get("regression", {})]
+    if regression:
+        lines += ["", "| predictor | task | mean prediction (s) | mean play time (s) | MAE | "
+                      "RMSE | correlation |", "|---|---|---|---|---|---|---|"]
+        for name, t, m in regression:
+            lines.append(f"| {name} | {t} | {_fmt(m['mean_prediction'])} | "
+                         f"{_fmt(m['mean_label'])} | {_fmt(m['mae'])} | {_fmt(m['rmse'])} | "
+                         f"{_fmt(m['correlation'])} |")
+    objective_rows = [(name, result[name].get("objectives", {})) for name in rows]
+    if any(values for _, values in objective_rows):
+        keys = sorted({k for _, values in objective_rows for k in values})
+        lines += ["", "Top 10 of each list by fused score (observed labels; oracle_ = the "
+                      "generator's true values):", "",
+                  "| predictor | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, values in objective_rows:
+            lines.append(f"| {name} | " + " | ".join(_fmt(values.get(k)) for k in keys) + " |")
     for key, label in (("ranking", "click label"), ("ranking_graded", "graded relevance")):
         if key not in result["model"]:
             continue
@@ -193,7 +263,7 @@ def evaluate(data_dir: str, model_dir: str, split: str = "test", output_dir: Opt
     dataset = data_lib.make_dataset(data_dir, split, metadata, batch_size, for_training=False)
     logger.info("evaluating %s on %s/%s", model_dir, data_dir, split)
     flat = predict_flat(model, dataset, metadata, max_batches=max_batches, progress_every=20)
-    result = compute_metrics(flat, metadata, config)
+    result = compute_metrics(flat, metadata, config, model.score_weights)
     result["split"] = split
     result["model_type"] = config.model_type
     if output_dir:

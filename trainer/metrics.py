@@ -209,3 +209,71 @@ def all_metrics(labels: Dict[str, np.ndarray], predictions: Dict[str, np.ndarray
                                      requests_skipped=graded.requests_skipped,
                                      relevance="+".join(tasks))
     return out
+
+
+# ---- calibration ---------------------------------------------------------------------------
+ECE_BINS = 15  # Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017)
+
+
+@dataclasses.dataclass
+class ReliabilityBins:
+    """One row per non-empty bin: candidates, mean prediction, mean label, bin edges."""
+
+    count: np.ndarray
+    mean_prediction: np.ndarray
+    mean_label: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def reliability_bins(labels, predictions, bins: int = ECE_BINS, equal_mass: bool = False
+                     ) -> ReliabilityBins:
+    """Bins of a reliability diagram: equal-width bins over [0, 1] (probabilities), or
+    equal-mass bins over the predictions' quantiles (`equal_mass`, for unbounded values such
+    as the expected watch time). A value on an inner edge belongs to the upper bin."""
+    y = _as_1d(labels, "labels")
+    p = _as_1d(predictions, "predictions")
+    _check_same_length(labels=y, predictions=p)
+    if equal_mass:
+        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, bins + 1))) if len(p) else \
+            np.array([0.0, 1.0])
+    else:
+        edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, max(len(edges) - 2, 0))
+    count = np.bincount(index, minlength=len(edges) - 1)
+    sum_p = np.bincount(index, weights=p, minlength=len(edges) - 1)
+    sum_y = np.bincount(index, weights=y, minlength=len(edges) - 1)
+    kept = count > 0
+    return ReliabilityBins(count[kept], sum_p[kept] / count[kept], sum_y[kept] / count[kept],
+                           edges[:-1][kept], edges[1:][kept])
+
+
+def expected_calibration_error(labels, predictions, bins: int = ECE_BINS,
+                               relative_to: Optional[float] = None) -> float:
+    """ECE = sum over bins of (bin share) * |mean prediction - mean label|.
+
+    Probabilities use equal-width bins over [0, 1]. With `relative_to` (a real-valued target
+    such as watch time) the bins are equal-mass and the error is divided by that value (e.g.
+    the mean label), so it reads as a fraction of it.
+    """
+    rb = reliability_bins(labels, predictions, bins, equal_mass=relative_to is not None)
+    total = rb.count.sum()
+    if total == 0:
+        return float("nan")
+    gap = float(np.sum(rb.count * np.abs(rb.mean_prediction - rb.mean_label)) / total)
+    return gap / relative_to if relative_to is not None else gap
+
+
+# ---- objectives of a ranking: what the top of each list is worth -----------------------------
+def top_k_mean_sum(values, scores, groups, k: int = 10) -> float:
+    """Mean over requests of the sum of `values` over the k highest-scored candidates of the
+    request (ties keep the listed order). With values = p(click) this is the expected clicks in
+    the top k, with values = expected watch time the expected watch time of the top k."""
+    v = _as_1d(values, "values")
+    s = _as_1d(scores, "scores")
+    g = np.asarray(groups).reshape(-1)
+    _check_same_length(values=v, scores=s, groups=g)
+    if len(v) == 0:
+        return float("nan")
+    lists = _ranked_lists(v, s, g)
+    return float(np.mean([float(np.sum(ranked[:k])) for ranked in lists]))

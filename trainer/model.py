@@ -19,8 +19,16 @@ tensors [B, N]); labels are ignored by `call` and used by `compute_loss`. Output
 (beyond `num_candidates`) are finite but meaningless. Only stock TensorFlow ops are used.
 
 Loss (TFRS `Ranking` task per task, reused rather than rewritten): sum over tasks of
-w_t * binary cross-entropy averaged over the valid candidates of the batch, with masked AUC
-metrics `<task>_auc`, so `model.compile(optimizer); model.fit(dataset)` just works.
+w_t * loss_t averaged over the valid candidates of the batch, so
+`model.compile(optimizer); model.fit(dataset)` just works. Binary tasks: binary cross-entropy
+with masked AUC metrics `<task>_auc`. Watch time (`common.features.WATCH_TIME`, when the data
+has it): the output is the expected play time per impression in seconds, learned by Poisson
+regression or YouTube's weighted logistic regression (`ModelConfig.watch_time_loss`).
+
+Every head's output then passes through `trainer.calibration.CalibrationLayer`, the identity
+until `python -m trainer.objectives` fits it on eval; the fused score is computed from the
+calibrated outputs with the weights of the config, or the tuned ones stored with the model
+(`trainer.post_training`).
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from common import features as F
+from trainer.calibration import CalibrationLayer
 from trainer.config import ModelConfig
 from trainer.layers import masking
 from trainer.layers.embeddings import FeatureEmbeddings, behaviour_cross_features
@@ -41,6 +50,7 @@ from trainer.layers.relevance_search import cosine
 FINAL_WEIGHTS_DIR = "final"  # model_dir/final/<prefix>: model.save_weights, TF format
 FINAL_WEIGHTS_PREFIX = "weights"
 _PROB_EPSILON = 1e-7
+_WATCH_TIME_LOGIT_RANGE = (-30.0, 15.0)  # keeps exp(logit) finite in float32
 
 
 
@@ -90,16 +100,42 @@ class RankingModel(tfrs.models.Model):
         self.real_time_unit = self._build_real_time_unit() if c.uses_real_time else None
         self.head = MMoE(self.tasks, c.num_experts, c.expert_units, c.tower_units, c.dropout,
                          name="mmoe")
-        self.ranking_tasks = {
-            task: tfrs.tasks.Ranking(
-                loss=tf.keras.losses.BinaryCrossentropy(
-                    from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
-                metrics=[tf.keras.metrics.AUC(from_logits=True, name=f"{task}_auc")],
-                name=f"{task}_task")
-            for task in self.tasks
-        }
+        self.ranking_tasks = {task: self._ranking_task(task) for task in self.tasks}
+        self.calibration = CalibrationLayer(self.tasks, dtype="float32", name="calibration")
         # a tracked metric: fit() resets it at every epoch start (see train_step)
         self.epoch_loss = tf.keras.metrics.Mean(name="epoch_loss")
+
+    def _ranking_task(self, task):
+        sum_reduction = tf.keras.losses.Reduction.SUM
+        if F.is_binary_task(task) or self.config.watch_time_loss == "weighted_logistic":
+            metrics = ([tf.keras.metrics.AUC(from_logits=True, name=f"{task}_auc")]
+                       if F.is_binary_task(task) else [])
+            return tfrs.tasks.Ranking(
+                loss=tf.keras.losses.BinaryCrossentropy(from_logits=True,
+                                                        reduction=sum_reduction),
+                metrics=metrics, name=f"{task}_task")
+        return tfrs.tasks.Ranking(
+            loss=tf.keras.losses.Poisson(reduction=sum_reduction),
+            metrics=[tf.keras.metrics.MeanAbsoluteError(name=f"{task}_mae_scaled")],
+            name=f"{task}_task")
+
+    def set_score_weights(self, weights: Dict[str, float]) -> None:
+        """Replaces the fused score's task weights (e.g. the ones tuned on eval)."""
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"score weights name tasks {unknown} the model does not have")
+        self.score_weights = {t: float(weights.get(t, 0.0)) for t in self.tasks}
+
+    def _head_outputs(self, logits):
+        """Uncalibrated outputs: probabilities, and the expected watch time in seconds."""
+        outputs = {t: tf.sigmoid(logits[t]) for t in self.tasks if F.is_binary_task(t)}
+        scale = self.config.watch_time_scale_s
+        for task in F.regression_tasks(self.tasks):
+            expected = scale * tf.exp(tf.clip_by_value(logits[task], *_WATCH_TIME_LOGIT_RANGE))
+            if self.config.watch_time_loss == "weighted_logistic" and "click" in outputs:
+                expected = expected * (1.0 - outputs["click"])  # odds * P(no play)
+            outputs[task] = expected
+        return outputs
 
     # ---- unit construction -----------------------------------------------------------------
     def _build_long_term_unit(self):
@@ -202,7 +238,8 @@ class RankingModel(tfrs.models.Model):
 
         logits, _ = self.head(tf.concat(parts, axis=-1), training=training)
         logits = {task: tf.cast(logit, tf.float32) for task, logit in logits.items()}
-        outputs = {task: tf.sigmoid(logits[task]) for task in self.tasks}
+        raw = self._head_outputs(logits)
+        outputs = {task: self.calibration(task, raw[task]) for task in self.tasks}
         outputs[F.SCORE] = self._score(outputs)
         outputs[F.RSU_SELECTED_INDEX] = selected_index
         outputs[F.RSU_SELECTED_WEIGHT] = selected_weight
@@ -272,11 +309,24 @@ class RankingModel(tfrs.models.Model):
         mask = tf.reshape(tf.cast(F.candidate_mask(features), tf.float32), [-1])
         num_valid = tf.maximum(tf.reduce_sum(mask), 1.0)
         total = 0.0
+        scale = self.config.watch_time_scale_s
         for task in self.tasks:
             labels = tf.reshape(tf.cast(features[F.label_feature(task)], tf.float32), [-1, 1])
+            predictions = tf.reshape(logits[task], [-1, 1])
+            weight = mask
+            if not F.is_binary_task(task):
+                scaled = labels / scale
+                if self.config.watch_time_loss == "weighted_logistic":
+                    # positives: played candidates weighted by T / s; negatives: weight 1
+                    played = tf.cast(scaled > 0, tf.float32)
+                    weight = mask * tf.reshape(tf.where(scaled > 0, scaled, 1.0), [-1])
+                    labels = played
+                else:
+                    labels = scaled
+                    predictions = tf.exp(tf.clip_by_value(predictions, *_WATCH_TIME_LOGIT_RANGE))
             task_loss = self.ranking_tasks[task](
-                labels=labels, predictions=tf.reshape(logits[task], [-1, 1]),
-                sample_weight=mask, training=training)
+                labels=labels, predictions=predictions, sample_weight=weight,
+                training=training)
             total += self.config.loss_weight(task) * task_loss / num_valid
         return total
 
@@ -362,4 +412,7 @@ def load_trained_model(model_dir: str, data_dir: str, config: Optional[ModelConf
     # The saved optimizer slots are not needed to score or export: say so, instead of a
     # warning per unrestored slot variable.
     status.expect_partial()
+    from trainer import post_training
+
+    post_training.apply(model, model_dir)  # calibration and tuned fusion weights, if fitted
     return model

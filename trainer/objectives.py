@@ -1,0 +1,401 @@
+"""PR2's ranking objectives for one trained model: calibrated heads and a fused score tuned for
+what the product wants (arXiv 2409.11281), fitted on eval, judged on test, stored with the model.
+
+    python -m trainer.objectives fit --data OUT --model-dir M --output O \\
+        [--objective watch_time_at_click_floor] [--max-click-loss 0.01] [--k 10]
+
+1. scores the eval and test splits with the model's raw heads;
+2. fits a calibration map per task on eval (`trainer.calibration`: isotonic or Platt, chosen
+   per task by held-out ECE) and measures ECE on test before and after;
+3. tunes the fusion weights on eval, with the calibrated heads and the observed labels, for the
+   stated objective (`trainer.fusion`), and measures on test clicks@K and watch time@K against
+   ranking by p(click): on the labels, and on generated data on the true values;
+4. writes `M/post_training.json` (`trainer.post_training`), reloads the model with it and checks
+   that the model's own outputs equal the calibrated values and the tuned score;
+5. writes `O/objectives_run.json`, `O/reliability.png` (reliability diagrams before / after, per
+   task, test split) and `O/tradeoff.png` (clicks@K against watch time@K as the watch-time
+   weight varies, on the true values of generated data, else the labels).
+
+    python -m trainer.objectives summarize --runs O1 O2 O3 --output DOCS
+
+averages the runs (e.g. one per data seed) into `DOCS/objectives.json` (mean; `std` and `runs`
+alongside) and copies the first run's figures to `DOCS/objectives_reliability.png` and
+`DOCS/objectives_tradeoff.png`; it prints the Markdown table of docs/REPORT.md's objectives
+section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+
+logger = logging.getLogger("trainer")
+RUN_JSON, RELIABILITY_PNG, TRADEOFF_PNG = "objectives_run.json", "reliability.png", "tradeoff.png"
+SUMMARY_JSON = "objectives.json"
+DOCS_RELIABILITY_PNG, DOCS_TRADEOFF_PNG = "objectives_reliability.png", "objectives_tradeoff.png"
+
+
+def _bins_dict(rb) -> Dict[str, list]:
+    return {"count": rb.count.tolist(), "mean_prediction": rb.mean_prediction.tolist(),
+            "mean_label": rb.mean_label.tolist()}
+
+
+def _calibrate(eval_flat, test_flat, tasks) -> (Dict, Dict, Dict):
+    """Per-task knots fitted on eval; test errors and reliability bins before and after."""
+    from common import features as F
+    from trainer import calibration as C
+    from trainer import metrics as M
+
+    knots, report, calibrated = {}, {}, {"eval": {}, "test": {}}
+    for task in tasks:
+        binary = F.is_binary_task(task)
+        fit = C.fit_task(eval_flat[f"pred_{task}"], eval_flat[f"label_{task}"],
+                         eval_flat["request_id"], binary)
+        knots[task] = fit.knots
+        for split, flat in (("eval", eval_flat), ("test", test_flat)):
+            calibrated[split][task] = fit.knots(flat[f"pred_{task}"])
+        y, before, after = (test_flat[f"label_{task}"], test_flat[f"pred_{task}"],
+                            calibrated["test"][task])
+        report[task] = {
+            "method": fit.knots.method, "held_out_error_by_method": fit.held_out_error,
+            "error": "ece" if binary else "ece_relative_to_mean_play_time",
+            "ece_before": C.calibration_error(y, before, binary),
+            "ece_after": C.calibration_error(y, after, binary),
+            "mean_prediction_before": float(np.mean(before)),
+            "mean_prediction_after": float(np.mean(after)), "mean_label": float(np.mean(y)),
+            "bins_before": _bins_dict(M.reliability_bins(y, before, equal_mass=not binary)),
+            "bins_after": _bins_dict(M.reliability_bins(y, after, equal_mass=not binary)),
+        }
+    return knots, report, calibrated
+
+
+def _point_dict(point, reference) -> Dict[str, float]:
+    return {"weights": point.weights, "clicks": point.clicks, "watch_time": point.watch_time,
+            "clicks_change": point.clicks / reference.clicks - 1.0,
+            "watch_time_gain": point.watch_time / reference.watch_time - 1.0}
+
+
+def _fuse(eval_flat, test_flat, calibrated, tasks, objective, max_click_loss, k) -> Dict:
+    """Weights tuned on eval labels; their effect on test (labels and, if known, the truth)."""
+    from common import features as F
+    from trainer import fusion
+
+    chosen, reference, points = fusion.tune(
+        calibrated["eval"], eval_flat[F.label_feature("click")],
+        eval_flat[F.label_feature(F.WATCH_TIME)], eval_flat["request_id"], tasks, objective,
+        max_click_loss, k)
+    result = {"objective": fusion.describe(objective, max_click_loss, k), "k": k,
+              "weights": chosen.weights, "eval": _point_dict(chosen, reference),
+              "eval_reference": _point_dict(reference, reference)}
+    judges = {"test_labels": (F.label_feature("click"), F.label_feature(F.WATCH_TIME))}
+    truth = (F.true_prob_feature("click"), F.true_prob_feature(F.WATCH_TIME))
+    if all(t in test_flat for t in truth):
+        judges["test_oracle"] = truth
+    curve_weights = [w for w in fusion.candidate_weights(tasks) if not w.get("long_view")]
+    for name, (click_key, watch_key) in judges.items():
+        clicks, watch = test_flat[click_key], test_flat[watch_key]
+        groups = test_flat["request_id"]
+        ref, tuned = fusion.evaluate_weights(
+            calibrated["test"], clicks, watch, groups,
+            [fusion.click_ranking(tasks), chosen.weights], k)
+        curve = fusion.evaluate_weights(calibrated["test"], clicks, watch, groups,
+                                        curve_weights, k)
+        result[name] = dict(_point_dict(tuned, ref), reference=_point_dict(ref, ref),
+                            curve=[_point_dict(p, ref) for p in curve])
+        if name == "test_oracle":  # the ceiling: the same weights on the true values
+            truth_values = {t: test_flat[F.true_prob_feature(t)] for t in tasks}
+            ceiling_ref = fusion.evaluate_weights(truth_values, clicks, watch, groups,
+                                                  [fusion.click_ranking(tasks)], k)[0]
+            result["oracle_ranker_curve"] = [
+                _point_dict(p, ceiling_ref) for p in fusion.evaluate_weights(
+                    truth_values, clicks, watch, groups, curve_weights, k)]
+    return result
+
+
+def _watch_time_quality(flat, calibrated) -> Dict[str, float]:
+    """How good the watch-time head is, on test: against the play time and the truth."""
+    from common import features as F
+    from trainer import metrics as M
+
+    task = F.WATCH_TIME
+    pred, label = calibrated["test"][task], flat[F.label_feature(task)]
+    out = {"mean_prediction": float(np.mean(pred)), "mean_play_time": float(np.mean(label)),
+           "correlation_with_play_time": float(np.corrcoef(pred, label)[0, 1])}
+    truth = F.true_prob_feature(task)
+    if truth in flat:
+        groups = flat["request_id"]
+        out["correlation_with_truth"] = float(np.corrcoef(pred, flat[truth])[0, 1])
+        by_model = M.top_k_mean_sum(flat[truth], pred, groups, 10)
+        by_truth = M.top_k_mean_sum(flat[truth], flat[truth], groups, 10)
+        out["oracle_watch_time@10_ranked_by_prediction"] = by_model
+        out["oracle_watch_time@10_ranked_by_truth"] = by_truth
+        out["share_of_best_watch_time@10"] = by_model / by_truth
+    return out
+
+
+def _check_in_model(model, dataset, raw_test, knots, weights, tasks, batches: int = 3
+                    ) -> float:
+    """Largest relative gap between the reloaded model's outputs on the first test batches and
+    the NumPy calibration of its raw outputs / the tuned score (0 up to float32 rounding)."""
+    from trainer import evaluate as E
+    from trainer import fusion
+
+    served = E.predict_flat(model, dataset, model.metadata, max_batches=batches)
+    n = len(served["request_id"])
+    if not np.array_equal(served["request_id"], raw_test["request_id"][:n]):
+        raise ValueError("the test split was read in another order on the second pass")
+    expected = {t: knots[t](raw_test[f"pred_{t}"][:n]) for t in tasks}
+    gaps = [np.max(np.abs(served[f"pred_{t}"] - expected[t])
+                   / np.maximum(np.abs(expected[t]), 1e-3)) for t in tasks]
+    score = fusion.fused_score(expected, weights)
+    gaps.append(np.max(np.abs(served["score"] - score) / np.maximum(np.abs(score), 1e-6)))
+    return float(max(gaps))
+
+
+def fit_objectives(data_dir: str, model_dir: str, output_dir: str,
+                   objective: Optional[str] = None, max_click_loss: Optional[float] = None,
+                   k: Optional[int] = None, batch_size: int = 256) -> Dict:
+    """Steps 1-5 of the module docstring; returns the run's numbers."""
+    from common import features as F
+    from trainer import data as data_lib
+    from trainer import evaluate as E
+    from trainer import fusion
+    from trainer import model as model_lib
+    from trainer import post_training
+    from trainer.config import ModelConfig
+
+    objective = objective or fusion.DEFAULT_OBJECTIVE
+    max_click_loss = fusion.DEFAULT_MAX_CLICK_LOSS if max_click_loss is None else max_click_loss
+    k = k or fusion.DEFAULT_K
+    metadata = F.DatasetMetadata.load(data_dir)
+    config = ModelConfig.load(model_dir)
+    tasks = list(metadata.tasks)
+    if config.score_formula != "product":
+        raise ValueError("fusion tuning fits the product score; the model's score_formula is "
+                         f"{config.score_formula!r}")
+    model = model_lib.load_trained_model(model_dir, data_dir)
+    for task in tasks:  # raw heads and the config's weights, whatever was fitted before
+        model.calibration.assign(task, None)
+    model.set_score_weights(config.score_weight_map(tasks))
+
+    def dataset(split):
+        return data_lib.make_dataset(data_dir, split, metadata, batch_size, for_training=False)
+
+    flats = {split: E.predict_flat(model, dataset(split), metadata) for split in ("eval", "test")}
+    knots, calibration_report, calibrated = _calibrate(flats["eval"], flats["test"], tasks)
+    result = {"data": os.path.basename(os.path.normpath(data_dir)),
+              "model_type": config.model_type, "watch_time_loss": config.watch_time_loss,
+              "tasks": tasks, "calibration": calibration_report}
+    if "click" in tasks and F.WATCH_TIME in tasks:
+        result["fusion"] = _fuse(flats["eval"], flats["test"], calibrated, tasks, objective,
+                                 max_click_loss, k)
+        result["watch_time"] = _watch_time_quality(flats["test"], calibrated)
+        weights = result["fusion"]["weights"]
+        fusion_record = {"weights": weights, "objective": result["fusion"]["objective"],
+                         "formula": "product"}
+    else:
+        weights = config.score_weight_map(tasks)
+        fusion_record = {}
+        logger.info("the data has no watch-time task (tasks %s): calibration only", tasks)
+    post_training.save(model_dir, knots, fusion_record)
+    reloaded = model_lib.load_trained_model(model_dir, data_dir)
+    result["in_model_max_relative_gap"] = _check_in_model(
+        reloaded, dataset("test"), flats["test"], knots, reloaded.score_weights, tasks)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, RUN_JSON), "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    plot_reliability(result, os.path.join(output_dir, RELIABILITY_PNG))
+    if "fusion" in result:
+        plot_tradeoff(result, os.path.join(output_dir, TRADEOFF_PNG))
+    return result
+
+
+# ---- figures -----------------------------------------------------------------------------
+def plot_reliability(result: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result["calibration"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        r = result["calibration"][task]
+        top = 0.0
+        for key, style, label in (("bins_before", "o--", "raw head"),
+                                  ("bins_after", "s-", f"calibrated ({r['method']})")):
+            b = r[key]
+            ece = r["ece_before" if key == "bins_before" else "ece_after"]
+            ax.plot(b["mean_prediction"], b["mean_label"], style, ms=4,
+                    label=f"{label}, ECE {ece:.4f}")
+            top = max(top, max(b["mean_prediction"] + b["mean_label"]))
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, label="perfect")
+        unit = " (s)" if r["error"] != "ece" else ""
+        ax.set_xlabel(f"mean prediction{unit}")
+        ax.set_ylabel(f"mean label{unit}")
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.suptitle("Reliability on test: raw heads and heads calibrated on eval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tradeoff(result: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fusion = result["fusion"]
+    judge = "test_oracle" if "test_oracle" in fusion else "test_labels"
+    k = fusion["k"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    curves = [(fusion[judge]["curve"], "o-", "model heads: p_click * E[T]^a")]
+    if "oracle_ranker_curve" in fusion:
+        curves.append((fusion["oracle_ranker_curve"], ".--", "true values (ceiling)"))
+    for curve, style, label in curves:
+        xs = [100 * p["clicks_change"] for p in curve]
+        ys = [100 * p["watch_time_gain"] for p in curve]
+        ax.plot(xs, ys, style, ms=4, label=label)
+        for p, x, y in zip(curve, xs, ys):
+            a = p["weights"].get("watch_time", 0.0)
+            if a in (0.1, 0.25, 0.5, 1.0, 2.0) and style == "o-":
+                ax.annotate(f"a={a:g}", (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    tuned = fusion[judge]
+    ax.plot([100 * tuned["clicks_change"]], [100 * tuned["watch_time_gain"]], "r*", ms=14,
+            label="tuned on eval: " + ", ".join(f"{t} {w:g}" for t, w in
+                                                 tuned["weights"].items() if w))
+    ax.axvline(-1.0, color="grey", lw=0.8, ls=":")
+    ax.axhline(5.0, color="grey", lw=0.8, ls=":")
+    truth = "true expected" if judge == "test_oracle" else "observed"
+    ax.set_xlabel(f"change of {truth} clicks@{k} vs ranking by p(click) (%)")
+    ax.set_ylabel(f"gain of {truth} watch time@{k} vs ranking by p(click) (%)")
+    ax.set_title(f"Fusion trade-off on test ({result['data']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- several runs ------------------------------------------------------------------------
+def _mean_std(values: List[float]) -> Dict[str, float]:
+    arr = np.asarray(values, np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def summarize(run_dirs: List[str], output_dir: str) -> Dict:
+    """docs/objectives.json from several runs (mean, with std and the per-run values)."""
+    runs = []
+    for d in run_dirs:
+        with open(os.path.join(d, RUN_JSON)) as f:
+            runs.append(json.load(f))
+    tasks = runs[0]["tasks"]
+    summary: Dict = {"runs": [r["data"] for r in runs], "calibration": {}, "std": {}}
+    for task in tasks:
+        entry, std = {}, {}
+        for key in ("ece_before", "ece_after"):
+            stats = _mean_std([r["calibration"][task][key] for r in runs])
+            entry[key], std[key] = stats["mean"], stats["std"]
+        entry["error"] = runs[0]["calibration"][task]["error"]
+        entry["methods"] = [r["calibration"][task]["method"] for r in runs]
+        summary["calibration"][task] = entry
+        summary["std"][task] = std
+    if all("fusion" in r for r in runs):
+        judge = "test_oracle" if all("test_oracle" in r["fusion"] for r in runs) else \
+            "test_labels"
+        k = runs[0]["fusion"]["k"]
+        gains = _mean_std([r["fusion"][judge]["watch_time_gain"] for r in runs])
+        changes = _mean_std([r["fusion"][judge]["clicks_change"] for r in runs])
+        prefix = "oracle_" if judge == "test_oracle" else ""
+        summary["fusion"] = {
+            "objective": runs[0]["fusion"]["objective"],
+            f"{prefix}watch_time@{k}_gain": gains["mean"],
+            f"{prefix}clicks@{k}_change": changes["mean"],
+            "weights": [r["fusion"]["weights"] for r in runs],
+            "per_run": [{f"{prefix}watch_time@{k}_gain": r["fusion"][judge]["watch_time_gain"],
+                         f"{prefix}clicks@{k}_change": r["fusion"][judge]["clicks_change"]}
+                        for r in runs],
+        }
+        summary["std"]["fusion"] = {f"{prefix}watch_time@{k}_gain": gains["std"],
+                                    f"{prefix}clicks@{k}_change": changes["std"]}
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, SUMMARY_JSON), "w") as f:
+        f.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for name, target in ((RELIABILITY_PNG, DOCS_RELIABILITY_PNG),
+                         (TRADEOFF_PNG, DOCS_TRADEOFF_PNG)):
+        source = os.path.join(run_dirs[0], name)
+        if os.path.exists(source):
+            shutil.copyfile(source, os.path.join(output_dir, target))
+    return summary
+
+
+def summary_markdown(summary: Dict) -> str:
+    n = len(summary["runs"])
+    lines = ["| task | error | before calibration | after calibration | method per run |",
+             "|---|---|---|---|---|"]
+    for task, e in summary["calibration"].items():
+        s = summary["std"][task]
+        lines.append(f"| {task} | {e['error']} | {e['ece_before']:.4f} ± {s['ece_before']:.4f} "
+                     f"| {e['ece_after']:.4f} ± {s['ece_after']:.4f} | "
+                     f"{', '.join(e['methods'])} |")
+    if "fusion" in summary:
+        f, s = summary["fusion"], summary["std"]["fusion"]
+        lines += ["", f"Objective: {f['objective']} (mean ± std over {n} runs).", "",
+                  "| measure | mean | std | per run |", "|---|---|---|---|"]
+        for key in [k for k in f if k.endswith(("_gain", "_change"))]:
+            per_run = ", ".join(f"{100 * r[key]:+.2f}%" for r in f["per_run"])
+            lines.append(f"| {key} | {100 * f[key]:+.2f}% | {100 * s[key]:.2f}% | {per_run} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.objectives",
+        description="Calibrate every head and tune the fused score of a trained model on eval; "
+                    "judge both on test (fit), or average several runs (summarize).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="calibrate and tune one model")
+    fit.add_argument("--data", required=True, help="output directory of python -m preprocessing")
+    fit.add_argument("--model-dir", required=True, help="directory of python -m trainer.task")
+    fit.add_argument("--output", required=True, help="directory for the run's JSON and figures")
+    fit.add_argument("--objective", default="watch_time_at_click_floor",
+                     choices=("watch_time_at_click_floor", "clicks", "watch_time"),
+                     help="what the fused score is tuned for")
+    fit.add_argument("--max-click-loss", type=float, default=0.01,
+                     help="watch_time_at_click_floor: largest relative loss of clicks@K allowed")
+    fit.add_argument("--k", type=int, default=10, help="top K of each list")
+    fit.add_argument("--batch-size", type=int, default=256, help="requests per batch")
+    summ = sub.add_parser("summarize", help="average several fit runs into objectives.json")
+    summ.add_argument("--runs", nargs="+", required=True, help="output directories of fit")
+    summ.add_argument("--output", required=True, help="directory for objectives.json and figures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.command == "fit":
+            import common  # noqa: F401  (tf-keras switch before TensorFlow loads)
+
+            result = fit_objectives(args.data, args.model_dir, args.output, args.objective,
+                                    args.max_click_loss, args.k, args.batch_size)
+            print(json.dumps({t: {k: v for k, v in r.items() if not k.startswith("bins")}
+                              for t, r in result["calibration"].items()}, indent=2))
+            if "fusion" in result:
+                print(json.dumps({k: v for k, v in result["fusion"].items()
+                                  if k in ("objective", "weights", "eval")}, indent=2))
+        else:
+            print(summary_markdown(summarize(args.runs, args.output)))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
