@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from common import tf_serving_protocol as P
+
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_REQUEST_ELEMENTS = 50_000_000
 DEFAULT_MAX_BATCH_ROWS = 100_000
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_enqueued_batches, num_batch_threads, allowed_batch_sizes)")
     g = p.add_argument_group("network and limits")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    g.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
+    g.add_argument("--port", type=int, default=P.DEFAULT_GRPC_PORT,
+                   help="gRPC port (0 = any free port)")
     g.add_argument("--grpc-max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest request/response message; larger ones get RESOURCE_EXHAUSTED. "
                         "A request's decoded tensors may take at most twice this")

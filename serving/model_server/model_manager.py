@@ -29,18 +29,18 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from tensorflow_serving.apis import get_model_status_pb2
 
+from common import tf_serving_protocol as P
 from serving.model_server import errors
 from serving.model_server.batching import Batcher, BatchingOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNATURE = "serving_default"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
-
-# tensorflow.serving.ModelVersionStatus.State values
-START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
+# The states GetModelStatus reports (tensorflow.serving.ModelVersionStatus.State).
+_State = get_model_status_pb2.ModelVersionStatus.State
+START, LOADING, AVAILABLE, UNLOADING, END = (_State.START, _State.LOADING, _State.AVAILABLE,
+                                             _State.UNLOADING, _State.END)
 
 
 @dataclasses.dataclass
@@ -120,10 +120,11 @@ class ServableVersion:
 
         self.model_name, self.version, self.path = model_name, version, path
         saved_model = loader_impl.parse_saved_model(path)
-        if not saved_model.meta_graphs:
-            raise ValueError(f"{path}: SavedModel has no MetaGraph")
-        self.signature_defs = dict(saved_model.meta_graphs[0].signature_def)
-        self.loaded = tf.saved_model.load(path)
+        served = [m for m in saved_model.meta_graphs if P.SERVE_TAG in m.meta_info_def.tags]
+        if not served:
+            raise ValueError(f"{path}: SavedModel has no MetaGraph tagged '{P.SERVE_TAG}'")
+        self.signature_defs = dict(served[0].signature_def)
+        self.loaded = tf.saved_model.load(path, tags=[P.SERVE_TAG])
         self.signatures: Dict[str, Signature] = {}
         for name, function in self.loaded.signatures.items():
             if name not in self.signature_defs:
@@ -136,7 +137,7 @@ class ServableVersion:
         self._lock = threading.Lock()
 
     def signature(self, name: str) -> Signature:
-        name = name or DEFAULT_SIGNATURE
+        name = name or P.DEFAULT_SIGNATURE
         if name not in self.signatures:
             raise errors.not_found(
                 f"signature '{name}' not found in model '{self.model_name}' version "
@@ -410,11 +411,11 @@ class ModelManager:
         import tensorflow as tf
         from tensorflow_serving.apis import prediction_log_pb2
 
-        path = os.path.join(servable.path, WARMUP_FILE)
+        path = os.path.join(servable.path, P.WARMUP_DIR, P.WARMUP_FILE)
         if self.warmup is None or not tf.io.gfile.exists(path):
             return 0
         count = 0
-        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+        for record in tf.data.TFRecordDataset(path).take(P.MAX_WARMUP_RECORDS):
             entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
             try:
                 self.warmup(servable, entry)

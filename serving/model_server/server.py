@@ -36,20 +36,16 @@ import common  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import grpc
 import numpy as np
 
+from common import tf_serving_protocol as P
 from serving.model_server import errors
 from serving.model_server.batching import BatchingOptions, load_batching_options
 from serving.model_server.flags import (DEFAULT_LAME_DUCK_SECONDS, DEFAULT_MAX_BATCH_ROWS,
                                         DEFAULT_MAX_BROADCAST_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
                                         DEFAULT_MAX_REQUEST_ELEMENTS, build_parser)
-from serving.model_server.model_manager import (DEFAULT_SIGNATURE, ModelManager,
-                                                ServableVersion, Signature)
+from serving.model_server.model_manager import ModelManager, ServableVersion, Signature
 
 log = logging.getLogger("serving.model_server")
 
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
-EXAMPLE_INPUT_KEY = "inputs"  # TF Serving: Classify/Regress feed serialized tf.Examples here
-CLASSES_KEY, SCORES_KEY, REGRESS_OUTPUT_KEY = "classes", "scores", "outputs"
 # Decoded bytes a request may take, per byte of the largest message the server accepts.
 DECODED_BYTES_PER_MESSAGE_BYTE = 2
 # What one decoded string element costs beyond its bytes (NumPy reference + TF string header).
@@ -161,8 +157,9 @@ class ServerOptions:
     of the base paths of `model_configs` (always allowed, with everything under them).
     """
 
-    def __init__(self, model_configs, host="127.0.0.1", port=8500, enable_batching=True,
-                 batching: Optional[BatchingOptions] = None, poll_wait_seconds=1.0,
+    def __init__(self, model_configs, host="127.0.0.1", port=P.DEFAULT_GRPC_PORT,
+                 enable_batching=True, batching: Optional[BatchingOptions] = None,
+                 poll_wait_seconds=1.0,
                  max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                  max_request_elements=DEFAULT_MAX_REQUEST_ELEMENTS,
                  max_batch_rows=DEFAULT_MAX_BATCH_ROWS, reject_non_finite_inputs=True,
@@ -318,33 +315,34 @@ class Inference:
         return np.array([ctx + e.SerializeToString() for e in listed], dtype=object)
 
     def _run_examples(self, sig: Signature, examples: np.ndarray, batch: bool):
-        if EXAMPLE_INPUT_KEY not in sig.inputs or len(sig.inputs) != 1:
+        if P.EXAMPLE_INPUTS not in sig.inputs or len(sig.inputs) != 1:
             raise errors.invalid_argument(
                 f"signature '{sig.name}' cannot take tf.Examples: it needs exactly one input "
-                f"'{EXAMPLE_INPUT_KEY}' (DT_STRING), it has {sorted(sig.inputs)}")
-        spec = sig.inputs[EXAMPLE_INPUT_KEY]
+                f"'{P.EXAMPLE_INPUTS}' (DT_STRING), it has {sorted(sig.inputs)}")
+        spec = sig.inputs[P.EXAMPLE_INPUTS]
         if spec.np_dtype != np.dtype(object):
             raise errors.invalid_argument(
-                f"signature '{sig.name}' input '{EXAMPLE_INPUT_KEY}' is {spec.describe()}, "
+                f"signature '{sig.name}' input '{P.EXAMPLE_INPUTS}' is {spec.describe()}, "
                 "expected DT_STRING serialized tf.Examples")
-        outputs = sig.run({EXAMPLE_INPUT_KEY: examples}, batch=batch)
-        self._check_finite_outputs(sig, outputs, (SCORES_KEY, REGRESS_OUTPUT_KEY))
+        outputs = sig.run({P.EXAMPLE_INPUTS: examples}, batch=batch)
+        self._check_finite_outputs(sig, outputs, (P.CLASSIFY_SCORES, P.REGRESS_OUTPUTS))
         return outputs, len(examples)
 
     def _classification(self, sig: Signature, outputs, n: int):
         from tensorflow_serving.apis import classification_pb2
 
-        if CLASSES_KEY not in outputs and SCORES_KEY not in outputs:
+        if P.CLASSIFY_CLASSES not in outputs and P.CLASSIFY_SCORES not in outputs:
             raise errors.invalid_argument(
                 f"signature '{sig.name}' is not a classification signature: it outputs "
-                f"{sig.output_keys}, expected '{CLASSES_KEY}' and/or '{SCORES_KEY}'")
-        classes = outputs.get(CLASSES_KEY)
-        scores = outputs.get(SCORES_KEY)
+                f"{sig.output_keys}, expected '{P.CLASSIFY_CLASSES}' and/or "
+                f"'{P.CLASSIFY_SCORES}'")
+        classes = outputs.get(P.CLASSIFY_CLASSES)
+        scores = outputs.get(P.CLASSIFY_SCORES)
         if scores is not None and scores.ndim == 1:
             scores = scores[:, None]
         if classes is not None and classes.ndim == 1:
             classes = classes[:, None]
-        for name, value in ((CLASSES_KEY, classes), (SCORES_KEY, scores)):
+        for name, value in ((P.CLASSIFY_CLASSES, classes), (P.CLASSIFY_SCORES, scores)):
             if value is not None and (value.ndim != 2 or value.shape[0] != n):
                 raise errors.invalid_argument(
                     f"output '{name}' of '{sig.name}' has shape {list(value.shape)}, expected "
@@ -369,16 +367,16 @@ class Inference:
     def _regression(self, sig: Signature, outputs, n: int):
         from tensorflow_serving.apis import regression_pb2
 
-        if REGRESS_OUTPUT_KEY not in outputs:
+        if P.REGRESS_OUTPUTS not in outputs:
             raise errors.invalid_argument(
                 f"signature '{sig.name}' is not a regression signature: it outputs "
-                f"{sig.output_keys}, expected '{REGRESS_OUTPUT_KEY}'")
-        values = outputs[REGRESS_OUTPUT_KEY]
+                f"{sig.output_keys}, expected '{P.REGRESS_OUTPUTS}'")
+        values = outputs[P.REGRESS_OUTPUTS]
         if values.ndim == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.ndim != 1 or values.shape[0] != n:
             raise errors.invalid_argument(
-                f"output '{REGRESS_OUTPUT_KEY}' of '{sig.name}' has shape "
+                f"output '{P.REGRESS_OUTPUTS}' of '{sig.name}' has shape "
                 f"{list(values.shape)}, expected [{n}] or [{n}, 1]")
         result = regression_pb2.RegressionResult()
         for v in values:
@@ -414,19 +412,19 @@ class Inference:
         seen = set()
         response = inference_pb2.MultiInferenceResponse()
         for task in request.tasks:
-            name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+            name = task.model_spec.signature_name or P.DEFAULT_SIGNATURE
             if name in seen:
                 raise errors.invalid_argument(f"signature '{name}' is used by two tasks")
             seen.add(name)
-            if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+            if task.method_name not in (P.CLASSIFY_METHOD, P.REGRESS_METHOD):
                 raise errors.unimplemented(
                     f"task method_name '{task.method_name}' is not supported; use "
-                    f"'{CLASSIFY_METHOD}' or '{REGRESS_METHOD}'")
+                    f"'{P.CLASSIFY_METHOD}' or '{P.REGRESS_METHOD}'")
             sig = servable.signature(name)
             outputs, n = self._run_examples(sig, examples, batch)
             result = response.results.add()
             self._fill_spec(result.model_spec, servable, sig.name)
-            if task.method_name == CLASSIFY_METHOD:
+            if task.method_name == P.CLASSIFY_METHOD:
                 result.classification_result.CopyFrom(self._classification(sig, outputs, n))
             else:
                 result.regression_result.CopyFrom(self._regression(sig, outputs, n))
