@@ -1,9 +1,11 @@
-"""Errors that travel back to gRPC clients with TF Serving's status codes.
+"""Errors that travel back to clients with TF Serving's status codes.
 
-Every RPC handler in `serving.model_server.server` catches everything: a `ServingError` keeps
-its code and message, a TensorFlow `InvalidArgumentError` raised while running a signature becomes
-INVALID_ARGUMENT (that is how a signature rejects NaN with `tf.debugging.check_numerics`), and
-anything else becomes INTERNAL. No request can take the server down.
+Every RPC handler in `serving.model_server.server` and every REST request
+(`serving.model_server.rest`) catches everything: a `ServingError` keeps its code and message,
+a TensorFlow `InvalidArgumentError` raised while running a signature becomes INVALID_ARGUMENT
+(that is how a signature rejects NaN with `tf.debugging.check_numerics`), and anything else
+becomes INTERNAL. No request can take the server down. REST answers carry the HTTP status TF
+Serving maps each code to (`http_status`).
 """
 from __future__ import annotations
 
@@ -72,3 +74,29 @@ def from_exception(exc: BaseException) -> ServingError:
 
 def permission_denied(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+# The HTTP status TF Serving's REST API answers for each gRPC code (its http_server.cc).
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def http_status(error: ServingError) -> int:
+    return HTTP_STATUS.get(error.code, 500)

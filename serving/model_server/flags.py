@@ -17,14 +17,18 @@ DEFAULT_MAX_BATCH_ROWS = 100_000
 # expansion is what lets a tiny message claim a huge tensor, so it gets its own small budget.
 DEFAULT_MAX_BROADCAST_BYTES = 1024 * 1024
 DEFAULT_LAME_DUCK_SECONDS = 1.5
+# JSON takes up to ~25x its size once parsed (a Python object per value), so REST bodies get a
+# smaller limit than gRPC messages.
+DEFAULT_REST_API_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_REST_API_CONNECTIONS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving.model_server",
         description="Serve SavedModels over TensorFlow Serving's gRPC API (PredictionService, "
-                    "ModelService, grpc health). Versions are the numeric folders under the "
-                    "model base path; new ones are picked up while serving.",
+                    "ModelService, grpc health) and its JSON REST API. Versions are the numeric "
+                    "folders under the model base path; new ones are picked up while serving.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--model-base-path", help="folder holding numeric version folders "
@@ -63,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=P.DEFAULT_GRPC_PORT,
                    help="gRPC port (0 = any free port)")
+    g.add_argument("--rest-api-port", type=int, default=P.DEFAULT_REST_PORT,
+                   help="port of TF Serving's JSON REST API (/v1/models/...); 0 disables it")
+    g.add_argument("--rest-api-num-threads", type=int, default=DEFAULT_REST_API_CONNECTIONS,
+                   help="REST connections served at once (one thread each); more get 503")
+    g.add_argument("--rest-api-max-body-bytes", type=int,
+                   default=DEFAULT_REST_API_MAX_BODY_BYTES,
+                   help="largest REST request body (413 above); parsed JSON takes up to ~25x "
+                        "this, so it is smaller than the gRPC message limit")
     g.add_argument("--grpc-max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest request/response message; larger ones get RESOURCE_EXHAUSTED. "
                         "A request's decoded tensors may take at most twice this")

@@ -10,7 +10,9 @@ Serving clients work against it, and the exported SavedModels stay loadable by t
 
 Services: tensorflow.serving.PredictionService (Predict, Classify, Regress, MultiInference,
 GetModelMetadata), tensorflow.serving.ModelService (GetModelStatus, HandleReloadConfigRequest)
-and grpc.health.v1.Health (SERVING once every configured model has a loaded version).
+and grpc.health.v1.Health (SERVING once every configured model has a loaded version), plus TF
+Serving's JSON REST API on --rest-api-port (serving.model_server.rest). Both APIs run every
+request through `ServingApi`: one code path for models, validation, limits and the drain.
 Versions, labels, hot reload and warmup: see serving.model_server.model_manager; batching:
 serving.model_server.batching.
 Errors use TF Serving's status codes (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...) with a
@@ -41,11 +43,14 @@ from serving.model_server import errors
 from serving.model_server.batching import BatchingOptions, load_batching_options
 from serving.model_server.flags import (DEFAULT_LAME_DUCK_SECONDS, DEFAULT_MAX_BATCH_ROWS,
                                         DEFAULT_MAX_BROADCAST_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
-                                        DEFAULT_MAX_REQUEST_ELEMENTS, build_parser)
+                                        DEFAULT_MAX_REQUEST_ELEMENTS,
+                                        DEFAULT_REST_API_CONNECTIONS,
+                                        DEFAULT_REST_API_MAX_BODY_BYTES, build_parser)
 from serving.model_server.model_manager import ModelManager, ServableVersion, Signature
 
 log = logging.getLogger("serving.model_server")
 
+SIGNATURE_DEF_METADATA = "signature_def"  # the one GetModelMetadata field TF Serving serves
 # Decoded bytes a request may take, per byte of the largest message the server accepts.
 DECODED_BYTES_PER_MESSAGE_BYTE = 2
 # What one decoded string element costs beyond its bytes (NumPy reference + TF string header).
@@ -155,6 +160,8 @@ class ServerOptions:
 
     `reload_allowed_roots` are folders a HandleReloadConfigRequest base_path may lie in, on top
     of the base paths of `model_configs` (always allowed, with everything under them).
+    `rest_api_port`: None serves no REST API, 0 any free port (like `port`); the command line's
+    --rest-api-port 0 means None, as in TF Serving.
     """
 
     def __init__(self, model_configs, host="127.0.0.1", port=P.DEFAULT_GRPC_PORT,
@@ -169,7 +176,10 @@ class ServerOptions:
                  startup_timeout_seconds: Optional[float] = None,
                  allow_model_config_reload=True, reload_allowed_roots=(),
                  allow_empty_model_config_reload=False,
-                 lame_duck_seconds=DEFAULT_LAME_DUCK_SECONDS):
+                 lame_duck_seconds=DEFAULT_LAME_DUCK_SECONDS,
+                 rest_api_port: Optional[int] = None,
+                 rest_api_connections=DEFAULT_REST_API_CONNECTIONS,
+                 rest_api_max_body_bytes=DEFAULT_REST_API_MAX_BODY_BYTES):
         self.model_configs = list(model_configs)
         self.host, self.port = host, port
         self.batching = (batching or BatchingOptions()) if enable_batching else None
@@ -191,6 +201,9 @@ class ServerOptions:
             [r for r in reload_allowed_roots if r]
         self.allow_empty_model_config_reload = allow_empty_model_config_reload
         self.lame_duck_seconds = lame_duck_seconds
+        self.rest_api_port = rest_api_port
+        self.rest_api_connections = rest_api_connections
+        self.rest_api_max_body_bytes = rest_api_max_body_bytes
 
 
 # ---- request logic (shared by the RPCs and by warmup) --------------------------------------------
@@ -517,114 +530,155 @@ def _guard(method):
     return wrapper
 
 
+class ServingApi:
+    """What every request does, whatever the transport: the gRPC servicers and the REST API
+    (serving.model_server.rest) both call these methods with TF Serving's request protos and
+    get its response protos back, or a ServingError. Versions are held for the duration of a
+    request (`acquire`), so both APIs see the same models, validation and limits."""
+
+    def __init__(self, server: "ModelServer"):
+        self.server = server
+        self.manager, self.inference = server.manager, server.inference
+
+    def acquire(self, spec):
+        """Context manager: the version a ModelSpec names, kept loaded while in use."""
+        version, label = _spec_version(spec)
+        return self.manager.acquire(spec.name, version, label)
+
+    def predict(self, request, fill_inputs=None):
+        """`fill_inputs(signature, request)`, when given, adds the inputs once the version and
+        its signature are known (the REST API types JSON values by the signature)."""
+        with self.acquire(request.model_spec) as servable:
+            if fill_inputs is not None:
+                fill_inputs(servable.signature(request.model_spec.signature_name), request)
+            return self.inference.predict(servable, request)
+
+    def classify(self, request):
+        with self.acquire(request.model_spec) as servable:
+            return self.inference.classify(servable, request)
+
+    def regress(self, request):
+        with self.acquire(request.model_spec) as servable:
+            return self.inference.regress(servable, request)
+
+    def multi_inference(self, request):
+        if not request.tasks:
+            raise errors.invalid_argument("MultiInferenceRequest has no tasks")
+        specs = [t.model_spec for t in request.tasks]
+        names = {s.name for s in specs}
+        versions = {_spec_version(s) for s in specs}
+        if len(names) != 1 or len(versions) != 1:
+            raise errors.invalid_argument(
+                "all MultiInference tasks must use the same model name and version; got "
+                f"names {sorted(names)}")
+        with self.acquire(specs[0]) as servable:
+            return self.inference.multi_inference(servable, request)
+
+    def get_model_metadata(self, request):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        fields = list(request.metadata_field)
+        if not fields:
+            raise errors.invalid_argument("metadata_field is empty; ask for 'signature_def'")
+        unsupported = [f for f in fields if f != SIGNATURE_DEF_METADATA]
+        if unsupported:
+            raise errors.invalid_argument(
+                f"metadata_field {unsupported} not supported; only '{SIGNATURE_DEF_METADATA}'")
+        with self.acquire(request.model_spec) as servable:
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = servable.model_name
+            response.model_spec.version.value = servable.version
+            response.metadata[SIGNATURE_DEF_METADATA].Pack(servable.signature_def_map())
+            return response
+
+    def get_model_status(self, request):
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        version, label = _spec_version(request.model_spec)
+        statuses = self.manager.version_status(request.model_spec.name, version, label)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for v in sorted(statuses, reverse=True):
+            st = statuses[v]
+            entry = response.model_version_status.add()
+            entry.version = v
+            entry.state = st.state
+            entry.status.error_code = st.error_code
+            entry.status.error_message = st.error_message
+        return response
+
+    def reload_config(self, request):
+        from tensorflow_serving.apis import model_management_pb2, status_pb2
+
+        options = self.server.options
+        if not options.allow_model_config_reload:
+            raise errors.permission_denied(
+                "this server refuses model config reloads (--disable-model-config-reload)")
+        kind = request.config.WhichOneof("config")
+        if kind != "model_config_list":
+            raise errors.invalid_argument(
+                "ReloadConfigRequest.config must hold a model_config_list "
+                f"(got {kind or 'nothing'})")
+        configs = list(request.config.model_config_list.config)
+        if not configs and not options.allow_empty_model_config_reload:
+            raise errors.invalid_argument(
+                "model_config_list is empty, which would unload every model; refused "
+                "(--allow-empty-model-config-reload accepts it)")
+        for config in configs:  # all checked before anything changes
+            if not path_within_roots(config.base_path, options.reload_allowed_roots):
+                raise errors.permission_denied(
+                    f"model '{config.name}': base_path {config.base_path!r} is outside "
+                    "the folders this server may load from (the configured base paths "
+                    "and --reload-allowed-roots)")
+        try:
+            self.manager.set_configs(configs)
+        except ValueError as exc:
+            raise errors.invalid_argument(f"invalid model config: {exc}") from exc
+        self.manager.poll_once()  # like TF Serving, answer once the new config is loaded
+        self.server.update_health()
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.CopyFrom(status_pb2.StatusProto(error_code=0))
+        return response
+
+
 def _servicers():
-    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
-                                         model_management_pb2, model_service_pb2_grpc,
-                                         prediction_service_pb2_grpc)
-    from tensorflow_serving.apis import status_pb2
+    """The gRPC servicer classes: each RPC is one ServingApi call behind `_guard`."""
+    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-        def __init__(self, manager: ModelManager, inference: Inference, gate: RequestGate):
-            self.manager, self.inference, self.gate = manager, inference, gate
-
-        def _acquire(self, spec):
-            version, label = _spec_version(spec)
-            return self.manager.acquire(spec.name, version, label)
+        def __init__(self, api: ServingApi, gate: "RequestGate"):
+            self.api, self.gate = api, gate
 
         @_guard
         def Predict(self, request, context):
-            with self._acquire(request.model_spec) as servable:
-                return self.inference.predict(servable, request)
+            return self.api.predict(request)
 
         @_guard
         def Classify(self, request, context):
-            with self._acquire(request.model_spec) as servable:
-                return self.inference.classify(servable, request)
+            return self.api.classify(request)
 
         @_guard
         def Regress(self, request, context):
-            with self._acquire(request.model_spec) as servable:
-                return self.inference.regress(servable, request)
+            return self.api.regress(request)
 
         @_guard
         def MultiInference(self, request, context):
-            if not request.tasks:
-                raise errors.invalid_argument("MultiInferenceRequest has no tasks")
-            specs = [t.model_spec for t in request.tasks]
-            names = {s.name for s in specs}
-            versions = {_spec_version(s) for s in specs}
-            if len(names) != 1 or len(versions) != 1:
-                raise errors.invalid_argument(
-                    "all MultiInference tasks must use the same model name and version; got "
-                    f"names {sorted(names)}")
-            with self._acquire(specs[0]) as servable:
-                return self.inference.multi_inference(servable, request)
+            return self.api.multi_inference(request)
 
         @_guard
         def GetModelMetadata(self, request, context):
-            fields = list(request.metadata_field)
-            if not fields:
-                raise errors.invalid_argument("metadata_field is empty; ask for 'signature_def'")
-            unsupported = [f for f in fields if f != "signature_def"]
-            if unsupported:
-                raise errors.invalid_argument(
-                    f"metadata_field {unsupported} not supported; only 'signature_def'")
-            with self._acquire(request.model_spec) as servable:
-                response = get_model_metadata_pb2.GetModelMetadataResponse()
-                response.model_spec.name = servable.model_name
-                response.model_spec.version.value = servable.version
-                response.metadata["signature_def"].Pack(servable.signature_def_map())
-                return response
+            return self.api.get_model_metadata(request)
 
     class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-        def __init__(self, manager: ModelManager, server: "ModelServer"):
-            self.manager, self.server, self.gate = manager, server, server.gate
+        def __init__(self, api: ServingApi, gate: "RequestGate"):
+            self.api, self.gate = api, gate
 
         @_guard
         def GetModelStatus(self, request, context):
-            version, label = _spec_version(request.model_spec)
-            statuses = self.manager.version_status(request.model_spec.name, version, label)
-            response = get_model_status_pb2.GetModelStatusResponse()
-            for v in sorted(statuses, reverse=True):
-                st = statuses[v]
-                entry = response.model_version_status.add()
-                entry.version = v
-                entry.state = st.state
-                entry.status.error_code = st.error_code
-                entry.status.error_message = st.error_message
-            return response
+            return self.api.get_model_status(request)
 
         @_guard
         def HandleReloadConfigRequest(self, request, context):
-            options = self.server.options
-            if not options.allow_model_config_reload:
-                raise errors.permission_denied(
-                    "this server refuses model config reloads (--disable-model-config-reload)")
-            kind = request.config.WhichOneof("config")
-            if kind != "model_config_list":
-                raise errors.invalid_argument(
-                    "ReloadConfigRequest.config must hold a model_config_list "
-                    f"(got {kind or 'nothing'})")
-            configs = list(request.config.model_config_list.config)
-            if not configs and not options.allow_empty_model_config_reload:
-                raise errors.invalid_argument(
-                    "model_config_list is empty, which would unload every model; refused "
-                    "(--allow-empty-model-config-reload accepts it)")
-            for config in configs:  # all checked before anything changes
-                if not path_within_roots(config.base_path, options.reload_allowed_roots):
-                    raise errors.permission_denied(
-                        f"model '{config.name}': base_path {config.base_path!r} is outside "
-                        "the folders this server may load from (the configured base paths "
-                        "and --reload-allowed-roots)")
-            try:
-                self.manager.set_configs(configs)
-            except ValueError as exc:
-                raise errors.invalid_argument(f"invalid model config: {exc}") from exc
-            self.manager.poll_once()  # like TF Serving, answer once the new config is loaded
-            self.server.update_health()
-            response = model_management_pb2.ReloadConfigResponse()
-            response.status.CopyFrom(status_pb2.StatusProto(error_code=0))
-            return response
+            return self.api.reload_config(request)
 
     return PredictionServicer, ModelServicer
 
@@ -658,8 +712,9 @@ class ModelServer:
 
     `start()` loads the models and, as TF Serving does, binds the port only once every
     configured model has an AVAILABLE version (`serve_before_models_load` binds at once); it
-    returns the port (port 0 = pick a free one). `shutdown()` is the SIGTERM sequence: lame
-    duck (health NOT_SERVING while requests are still served), then `stop(grace)` drains.
+    returns the port (port 0 = pick a free one); the REST API, when configured, opens at the
+    same time (`rest_port`). `shutdown()` is the SIGTERM sequence: lame duck (health NOT_SERVING
+    while requests are still served), then `stop(grace)` drains both APIs.
     """
 
     def __init__(self, options: ServerOptions):
@@ -679,6 +734,9 @@ class ModelServer:
         self._lame_duck = False
         self._abort_start = threading.Event()
         self.gate = RequestGate()
+        self.api = ServingApi(self)
+        self._rest = None
+        self.rest_port: Optional[int] = None
 
     def update_health(self) -> None:
         from grpc_health.v1 import health_pb2
@@ -738,19 +796,40 @@ class ModelServer:
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            prediction_cls(self.manager, self.inference, self.gate), self._server)
+            prediction_cls(self.api, self.gate), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            model_cls(self.manager, self), self._server)
+            model_cls(self.api, self.gate), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         address = f"{self.options.host}:{self.options.port}"
-        self.port = self._server.add_insecure_port(address)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio raises instead of returning 0 on some versions
+            raise OSError(f"cannot bind {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"cannot bind {address}")
+        if self.options.rest_api_port is not None:
+            self._start_rest()
         self._server.start()
         if self.options.serve_before_models_load:
             self.manager.start()
         self.update_health()
         return self.port
+
+    def _start_rest(self) -> None:
+        from serving.model_server.rest import RestApi, RestServer
+
+        address = (self.options.host, self.options.rest_api_port)
+        try:
+            self._rest = RestServer(address, RestApi(self.api, self.gate),
+                                    max_connections=self.options.rest_api_connections,
+                                    max_body_bytes=self.options.rest_api_max_body_bytes)
+        except OSError as exc:
+            if not self.options.serve_before_models_load:
+                self.manager.stop()
+            raise OSError(f"cannot bind the REST API to {address[0]}:{address[1]}: {exc}") \
+                from exc
+        self.rest_port = self._rest.port
+        self._rest.start()
 
     def enter_lame_duck(self) -> None:
         """Health turns NOT_SERVING for every service; requests are still served."""
@@ -780,6 +859,8 @@ class ModelServer:
         if running or left:
             log.info("drain: %d requests were in flight, %d still running after %.2fs", running,
                      left, time.monotonic() - started)
+        if self._rest is not None:
+            self._rest.stop()
         if self._server is not None:
             # Only RPCs that arrive now (refused by the gate) or stragglers past `grace` remain.
             self._server.stop(max(0.5, grace - (time.monotonic() - started))).wait()
@@ -867,7 +948,10 @@ def options_from_args(args, configs, batching) -> ServerOptions:
         allow_model_config_reload=not args.disable_model_config_reload,
         reload_allowed_roots=roots,
         allow_empty_model_config_reload=args.allow_empty_model_config_reload,
-        lame_duck_seconds=args.lame_duck_seconds)
+        lame_duck_seconds=args.lame_duck_seconds,
+        rest_api_port=args.rest_api_port or None,
+        rest_api_connections=args.rest_api_num_threads,
+        rest_api_max_body_bytes=args.rest_api_max_body_bytes)
 
 
 def run(args) -> int:
@@ -901,6 +985,9 @@ def run(args) -> int:
         return 2
     log.info("serving %s on %s:%d (batching %s)", server.manager.model_names(), args.host, port,
              options.batching or "off")
+    if server.rest_port is not None:
+        log.info("REST API on http://%s:%d/v1/models/", args.host, server.rest_port)
+        print(f"REST {args.host}:{server.rest_port}", flush=True)
     print(f"READY {args.host}:{port}", flush=True)
     while not stop.wait(1.0):
         pass
