@@ -34,15 +34,20 @@ def item_attributes(data_dir):
     return found
 
 
-def write_store(data_dir, seed=0, history_users=range(1, 21), empty_users=()):
-    """DATA/feature_store.sqlite for the tiny dataset; returns its path."""
+def write_store(data_dir, seed=0, history_users=range(1, 21), empty_users=(),
+                without_embedding=()):
+    """DATA/feature_store.sqlite for the tiny dataset; returns its path. Users in
+    `empty_users` have a profile and no behaviour; items in `without_embedding` a zero
+    content embedding in the store."""
     md = F.DatasetMetadata.load(data_dir)
     emb = np.load(os.path.join(data_dir, F.ITEM_EMBEDDINGS_FILE))
     attributes = item_attributes(data_dir)
+    stored = emb.copy()
+    stored[list(without_embedding)] = 0.0
     rng = np.random.default_rng(seed)
     path = os.path.join(data_dir, FEATURE_STORE_FILE)
     store = SqliteFeatureStore.create(path, md)
-    store.write_items((i, f"i{i}", *attributes.get(i, (1, (1, 1 + 4))), emb[i])
+    store.write_items((i, f"i{i}", *attributes.get(i, (1, (1, 1 + 4))), stored[i])
                       for i in range(1, md.num_items + 1))
     users = [f"u{u}" for u in history_users] + list(empty_users)
     store.write_users((u, k + 1, (1, 2, 3, 4)) for k, u in enumerate(users))

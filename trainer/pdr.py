@@ -51,6 +51,9 @@ class PDRConfig:
     id_dim: int = 32
     hidden: int = 128
     use_user: bool = True  # False: the query-only dual encoder
+    # the parameter-free query-relevant engaged-interest read-out of QueryUserTower
+    interest_summary: bool = True
+    interest_threshold: float = 0.5
     temperature: float = 0.05  # softmax temperature over cosines
     logq_correction: bool = True
     remove_accidental_hits: bool = True
@@ -175,6 +178,8 @@ class PDRModel(tfrs.Model):
         self.metadata = metadata
         self.query_tower = QueryUserTower(metadata, item_embeddings, config.output_dim,
                                           config.id_dim, config.hidden, config.use_user,
+                                          interest_summary=config.interest_summary,
+                                          interest_threshold=config.interest_threshold,
                                           name="query_tower")
         self.item_tower = ItemTower(metadata, item_embeddings, config.output_dim,
                                     config.id_dim, config.hidden, name="item_tower")

@@ -67,15 +67,25 @@ class QueryUserTower(tf.keras.layers.Layer):
     profile and user id, and the long-term behaviours attended with the query as the target
     (QueryAttendedBehaviours), through an MLP to one L2-normalised vector [B, output_dim].
 
+    With `interest_summary`, the tower also reads s = normalize(sum_i w_i c_i) over the raw
+    content embeddings c_i of the long-term behaviours, w_i = max(r_i - interest_threshold, 0)
+    * watch_i (r_i = cos(query, c_i), watch_i = the clipped first engagement value): the
+    query-relevant, deeply engaged part of the history in the content space itself, QIN's RSU
+    stage 1 with engagement weighting (arXiv 2310.06444) as a fixed, parameter-free read-out
+    (zeros when no behaviour qualifies).
+
     With `use_user=False` only the query inputs are read: the query-only dual encoder
     baseline, same code with the user inputs off.
     """
 
     def __init__(self, metadata: F.DatasetMetadata, item_embeddings, output_dim: int = 64,
                  id_dim: int = 32, hidden: int = 128, use_user: bool = True,
-                 item_id_embedding: tf.keras.layers.Layer = None, **kwargs):
+                 item_id_embedding: tf.keras.layers.Layer = None,
+                 interest_summary: bool = False, interest_threshold: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.use_user = use_user
+        self.interest_summary = interest_summary
+        self.interest_threshold = interest_threshold
         self.token_embedding = tf.keras.layers.Embedding(metadata.query_token_buckets, id_dim,
                                                          name="query_token_embedding")
         self.query_proj = tf.keras.layers.Dense(id_dim, name="query_embedding_proj")
@@ -119,6 +129,10 @@ class QueryUserTower(tf.keras.layers.Layer):
                 query, self.item_id_embedding(items), self.content_proj(raw_content),
                 relevance, engagement, mask)
             parts += [profile, user, attended]
+            if self.interest_summary:
+                weight = tf.nn.relu(relevance - self.interest_threshold) * engagement[..., 0]
+                weight *= tf.cast(mask, weight.dtype)
+                parts.append(_l2_normalize(tf.einsum("bl,bld->bd", weight, raw_content)))
         out = _l2_normalize(self.mlp(tf.concat(parts, axis=-1)))
         return (out, attention) if return_attention else out
 
