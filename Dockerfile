@@ -1,8 +1,8 @@
 # CPU image of the Vertex AI / Kubeflow pipeline's steps other than training (acquire logs,
 # Beam preprocessing on the in-process runner or launching a Dataflow job, evaluate, gate,
 # export) and of the project's own model server. Training has a GPU image
-# (docker/trainer.Dockerfile) and Dataflow workers need Beam's SDK image
-# (docker/beam_worker.Dockerfile); tests/test_docker_images.py checks all three against
+# (dockerfiles/trainer.Dockerfile) and Dataflow workers need Beam's SDK image
+# (dockerfiles/beam_worker.Dockerfile); tests/test_docker_images.py checks all three against
 # requirements.txt. Build from the repository root, push, compile the pipeline against it:
 #   docker build -t REGION-docker.pkg.dev/PROJECT/qin/qin-search:TAG .
 #   docker push REGION-docker.pkg.dev/PROJECT/qin/qin-search:TAG

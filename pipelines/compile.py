@@ -4,7 +4,7 @@
 
 The container images are read from the environment when the pipeline is imported:
 QIN_PIPELINE_IMAGE (every step but training; the root Dockerfile) and QIN_TRAINER_IMAGE (the
-GPU train step; docker/trainer.Dockerfile). KFP is imported only after the arguments are
+GPU train step; dockerfiles/trainer.Dockerfile). KFP is imported only after the arguments are
 parsed, so `--help` answers at once.
 """
 import argparse
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "images come from the environment: QIN_PIPELINE_IMAGE for every step but "
                     "training (default qin-search:latest, built from the root Dockerfile) and "
                     "QIN_TRAINER_IMAGE for the GPU train step (default qin-search-trainer:latest, "
-                    "built from docker/trainer.Dockerfile).")
+                    "built from dockerfiles/trainer.Dockerfile).")
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help=f"where to write the YAML (default: {DEFAULT_OUTPUT})")
     return parser

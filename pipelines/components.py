@@ -5,7 +5,7 @@ container, so no logic lives here and a step behaves exactly as it does from a s
 Lightweight components must be self-contained (KFP serialises the function body), hence the
 imports inside each function and the small `_run` helper repeated as a nested function.
 Two container images (see README, "On Vertex AI Pipelines"): the train step runs on the GPU
-image of docker/trainer.Dockerfile (QIN_TRAINER_IMAGE), every other step on the CPU image of
+image of dockerfiles/trainer.Dockerfile (QIN_TRAINER_IMAGE), every other step on the CPU image of
 the root Dockerfile (QIN_PIPELINE_IMAGE); set them before compiling.
 """
 import os

@@ -10,8 +10,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_IMAGE = "Dockerfile"
-TRAINER_IMAGE = os.path.join("docker", "trainer.Dockerfile")
-BEAM_WORKER_IMAGE = os.path.join("docker", "beam_worker.Dockerfile")
+TRAINER_IMAGE = os.path.join("dockerfiles", "trainer.Dockerfile")
+BEAM_WORKER_IMAGE = os.path.join("dockerfiles", "beam_worker.Dockerfile")
 BEAM_BOOT = "/opt/apache/beam/boot"
 PROJECT_PACKAGES = ("common", "preprocessing", "trainer", "serving", "pipelines")
 
@@ -90,6 +90,13 @@ def installs_requirements(instructions):
 
 def copied_packages(instructions):
     return {a.split()[0].rstrip("/") for a in arguments_of(instructions, "COPY")}
+
+
+def test_no_top_level_folder_hides_an_installed_package():
+    # The repository root is on the import path of every step: a `docker/` folder there would
+    # be imported as the Docker SDK that kfp.local looks for, and break local pipeline runs.
+    for name in ("docker", "kfp", "tensorflow", "apache_beam"):
+        assert not os.path.isdir(os.path.join(REPO, name)), f"rename the {name}/ folder"
 
 
 def test_matches_pin_reads_requirement_specs():

@@ -3,7 +3,7 @@
 # a TensorFlow build for them; its version is the one requirements.txt pins, so installing the
 # requirements keeps it and adds the rest of the stack (tests/test_docker_images.py checks the
 # pins). Build from the repository root and compile the pipeline against it:
-#   docker build -f docker/trainer.Dockerfile -t REGION-docker.pkg.dev/PROJECT/qin/qin-search-trainer:TAG .
+#   docker build -f dockerfiles/trainer.Dockerfile -t REGION-docker.pkg.dev/PROJECT/qin/qin-search-trainer:TAG .
 #   docker push REGION-docker.pkg.dev/PROJECT/qin/qin-search-trainer:TAG
 #   QIN_TRAINER_IMAGE=REGION-docker.pkg.dev/PROJECT/qin/qin-search-trainer:TAG \
 #   QIN_PIPELINE_IMAGE=REGION-docker.pkg.dev/PROJECT/qin/qin-search:TAG \

@@ -3,7 +3,7 @@
 # requirements.txt and setup.py pin; tests/test_docker_images.py checks them), with the pinned
 # stack and the project's packages installed. The SDK image's entrypoint, /opt/apache/beam/boot,
 # is what starts the worker harness: it must stay the entrypoint.
-#   docker build -f docker/beam_worker.Dockerfile -t REGION-docker.pkg.dev/PROJECT/qin/qin-search-beam:TAG .
+#   docker build -f dockerfiles/beam_worker.Dockerfile -t REGION-docker.pkg.dev/PROJECT/qin/qin-search-beam:TAG .
 #   docker push REGION-docker.pkg.dev/PROJECT/qin/qin-search-beam:TAG
 FROM apache/beam_python3.11_sdk:2.77.0
 WORKDIR /app
