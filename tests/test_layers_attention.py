@@ -72,6 +72,8 @@ def reference_fau(layer, x, lam):
         gate = sigmoid(layer.constant_gate_logit.numpy())
     h = gate * dense(layer.value_id, x["behaviour_id"]) + (1 - gate) * dense(
         layer.value_attr, x["behaviour_attr"])
+    if layer.use_engagement_weighting:  # the behaviour's engagement is part of its value
+        h = h + dense(layer.value_cross, x["cross"])
     w = np.where(x["valid"], mixed, 0)
     w = w / np.maximum(w.sum(-1, keepdims=True), 1e-30)
     return np.einsum("bnk,bnkh->bnh", w, g(h)), w
@@ -93,6 +95,25 @@ def test_fau_matches_reference_and_normalises_over_valid(fields, engagement, lam
     has_valid = x["valid"].any(-1)
     np.testing.assert_allclose(w.sum(-1)[has_valid], 1.0, rtol=1e-5)
     assert np.all(w[~x["valid"]] == 0)
+
+
+def test_fau_output_tells_deep_from_shallow_engagement_with_the_same_items():
+    """Same behaviours, same attention: only their engagement differs (uniformly, so the
+    renormalised weights are equal). With engagement weighting the interest vector differs by
+    the engagement value term (the affinity signal); without, a neighbourhood of skipped items
+    looks exactly like one of items watched to the end."""
+    x = fau_inputs(seed=2)
+    deep, shallow = dict(x), dict(x)
+    deep["cross"] = np.ones_like(x["cross"])
+    shallow["cross"] = np.full_like(x["cross"], 0.05)
+    for engagement in (True, False):
+        layer = FusedAttentionUnit(hidden_units=8, attention_units=4, attention_fields="id",
+                                   use_engagement_weighting=engagement)
+        u_deep, _ = run_fau(layer, deep)
+        u_shallow, _ = run_fau(layer, shallow)
+        has_valid = x["valid"].any(-1)
+        gap = np.abs(u_deep - u_shallow)[has_valid].max()
+        assert (gap > 1e-3) if engagement else (gap < 1e-6), (engagement, gap)
 
 
 def test_fau_empty_selection_is_finite_zero():

@@ -9,15 +9,27 @@ paper does not publish the formulas; this is the project's reading:
 
     a_id(i)   = softmax_{i in S2} <Wq x_target_id,   Wk x_i_id>   / sqrt(d)
     a_attr(i) = softmax_{i in S2} <Uq x_target_attr, Uk x_i_attr> / sqrt(d)
-    g(i)      = 2 * sigmoid(MLP(engagement_i, source_i, time gap_i))   (1 at initialisation)
-    gate_i    = sigmoid(w . engagement features_i + b)
-    h_i       = gate_i * P_id x_i_id + (1 - gate_i) * P_attr x_i_attr
+    c_i       = (engagement_i, source_i, log1p(time gap_i))   behaviour cross features
+    g(i)      = 2 * sigmoid(MLP(c_i))                           (1 at initialisation)
+    gate_i    = sigmoid(w . c_i + b)
+    h_i       = gate_i * P_id x_i_id + (1 - gate_i) * P_attr x_i_attr + P_c c_i
     w_i       = g(i) * (lambda * a_id(i) + (1 - lambda) * a_attr(i)),  renormalised over S2
     u_long    = sum_i w_i h_i
 
 lambda is learned (sigmoid of a scalar) unless fixed by config; `attention_fields="id"` fixes
-it to 1 (single-field ablation); without engagement weighting g = 1 and the gate is a learned
-constant. With no valid behaviour every weight is 0 and u_long is the zero vector.
+it to 1 (single-field ablation); without engagement weighting g = 1, the gate is a learned
+constant and h_i carries no P_c c_i term. With no valid behaviour every weight is 0 and u_long
+is the zero vector.
+
+Why h_i carries c_i: the weights are renormalised over the selected behaviours, so g(i) can
+only say which behaviours count, not how deeply the user engaged with the target's
+neighbourhood as a whole: a target whose nearest behaviours were all skipped and one whose
+nearest behaviours were all watched to the end get the same weights, and the engagement
+reaches u_long only through the gate's mix of two projections of the same items. With c_i in
+the values, u_long includes the attention-weighted engagement of the behaviours most like the
+target: the affinity signal QIN's engagement weighting is for. Measured on generated logs
+(600 users, 12,000 requests, seed 0, same budget): test click GAUC by request 0.7371 without
+the term, 0.7652 with it (the no-sequence DNN: 0.7447).
 
 Behaviour-side projections (keys, values, g, gate) are computed once per request on the
 stage-1 set and gathered per candidate.
@@ -53,6 +65,7 @@ class FusedAttentionUnit(tf.keras.layers.Layer):
             self.depth_hidden = dense(16, activation="relu", name="engagement_depth_hidden")
             self.depth_out = dense(1, name="engagement_depth")
             self.fusion_gate = dense(1, name="fusion_gate")
+            self.value_cross = dense(hidden_units, use_bias=False, name="value_engagement")
 
     def build(self, input_shape):
         if self.fusion_lambda is None:
@@ -92,6 +105,8 @@ class FusedAttentionUnit(tf.keras.layers.Layer):
         else:
             gate = tf.cast(tf.sigmoid(self.constant_gate_logit), behaviour_id.dtype)
         fused = gate * self.value_id(behaviour_id) + (1.0 - gate) * self.value_attr(behaviour_attr)
+        if self.use_engagement_weighting:
+            fused = fused + self.value_cross(tf.cast(cross, fused.dtype))
         weights = masking.normalize_weights(mixed, valid)  # [B, N, K]
         values = masking.gather_positions(fused, indices)  # [B, N, K, H]
         return tf.einsum("bnk,bnkh->bnh", weights, values), weights
