@@ -9,7 +9,10 @@ distribution strategy by itself (trainer/distribution.py), trains the ranking mo
                          continues from the last saved epoch (or step, --checkpoint-every-steps)
   M/checkpoints/eval_state.json   per-epoch eval metrics, best epoch, early-stopping counter
   M/final/weights.*      weights of the epoch with the best eval GAUC by request (click task)
-  M/logs/                TensorBoard (train scalars; eval GAUC/AUC under logs/eval)
+  M/logs/train/          TensorBoard, training: batch_loss (every --log-every-steps steps),
+                         epoch_loss and epoch_<task>_auc (per epoch, step = epoch number)
+  M/logs/eval/           TensorBoard, evaluation per epoch: eval/gauc, eval/auc, eval/logloss
+                         (first task, eval split, step = epoch number)
   M/training_summary.json   epochs run, global step, resume point, best epoch, history
 
 Vertex AI: when set, AIP_MODEL_DIR replaces the default of --model-dir, AIP_CHECKPOINT_DIR the
@@ -35,6 +38,10 @@ EVAL_STATE_FILE = "eval_state.json"
 SUMMARY_FILE = "training_summary.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 LOG_SUBDIR = "logs"
+EVAL_LOG_SUBDIR = "eval"  # under the TensorBoard directory, beside TensorBoard's train/
+# eval-history key -> TensorBoard tag in LOG_DIR/eval
+EVAL_SUMMARY_TAGS = {"eval_gauc": "eval/gauc", "eval_auc": "eval/auc",
+                     "eval_logloss": "eval/logloss"}
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -155,8 +162,6 @@ class EvalGaucCallback(_callbacks_base()):
         self.state["history"] = [h for h in self.state["history"] if h["epoch"] <= epoch]
 
     def on_epoch_end(self, epoch, logs=None):
-        import tensorflow as tf
-
         from trainer import metrics as M
         from trainer.evaluate import make_infer_fn, predict_flat
 
@@ -173,8 +178,6 @@ class EvalGaucCallback(_callbacks_base()):
                   "eval_logloss": logloss, "gauc_groups": gauc.groups_used,
                   "train_loss": float((logs or {}).get("loss", float("nan")))}
         self.state["history"].append(record)
-        if logs is not None:
-            logs.update(val_gauc=gauc.value, val_auc=auc)
         improved = math.isfinite(gauc.value) and gauc.value > self.state["best_gauc"]
         if improved:
             self.state.update(best_gauc=gauc.value, best_epoch=epoch + 1, wait=0)
@@ -193,13 +196,21 @@ class EvalGaucCallback(_callbacks_base()):
             self.model.stop_training = True
         if self.write_state:
             save_json(self.state_path, self.state)
-            if self._writer is None:
-                self._writer = tf.summary.create_file_writer(self.summary_dir)
-            with self._writer.as_default(step=epoch + 1):
-                for key in ("eval_gauc", "eval_auc", "eval_logloss"):
-                    if math.isfinite(record[key]):
-                        tf.summary.scalar(f"{task}_{key}", record[key])
-            self._writer.flush()
+            self._write_summaries(record, task)
+
+    def _write_summaries(self, record, task):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.summary_dir)
+        # record_if(True): during fit() the TensorBoard callback leaves a record_if(step %
+        # update_freq == 0) condition active, which would drop these epoch-end scalars.
+        with self._writer.as_default(step=record["epoch"]), tf.summary.record_if(True):
+            for key, tag in EVAL_SUMMARY_TAGS.items():
+                if math.isfinite(record[key]):
+                    tf.summary.scalar(tag, record[key],
+                                      description=f"{task}, eval split, after each epoch")
+        self._writer.flush()
 
 
 class ProgressLogger(_callbacks_base()):
@@ -242,6 +253,37 @@ class ProgressLogger(_callbacks_base()):
 
     def on_epoch_begin_reset(self):
         self._t, self._last_step = time.time(), int(self.model.optimizer.iterations.numpy())
+
+
+def _tensorboard_base():
+    import tensorflow as tf
+
+    return tf.keras.callbacks.TensorBoard
+
+
+class TrainScalarsTensorBoard(_tensorboard_base()):
+    """Keras' TensorBoard callback writing one tag per quantity in LOG_DIR/train.
+
+    The model's logs carry `loss` (mean over the epoch so far), `epoch_loss` (the metric behind
+    it), `batch_loss` (this step's loss), `regularization_loss` and `<task>_auc`; Keras prefixes
+    every key with `batch_` / `epoch_`, which gave `epoch_epoch_loss`, `batch_batch_loss` and an
+    `epoch_batch_loss`. Here: batch_loss = the step's own loss every `update_freq` steps, and per
+    epoch epoch_loss plus epoch_<task>_auc, at step = epoch number (1-based, as the eval/
+    scalars and training_summary.json)."""
+
+    BATCH_ONLY = ("batch_loss", "regularization_loss")
+    DUPLICATES = ("epoch_loss",)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if isinstance(logs, dict):
+            step_loss = logs.get("batch_loss", logs.get("loss"))
+            logs = {} if step_loss is None else {"loss": step_loss}
+        super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: v for k, v in (logs or {}).items()
+                if k not in self.BATCH_ONLY + self.DUPLICATES and not k.startswith("val_")}
+        super().on_epoch_end(epoch + 1, logs)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -367,16 +409,15 @@ def train(args) -> dict:
     save_freq = args.checkpoint_every_steps if args.checkpoint_every_steps > 0 else "epoch"
     eval_callback = EvalGaucCallback(make_eval_dataset, metadata, state_path, final_weights,
                                      args.early_stopping_patience, args.eval_batches,
-                                     os.path.join(log_dir, "eval"), write_state=chief)
+                                     os.path.join(log_dir, EVAL_LOG_SUBDIR), write_state=chief)
     progress = ProgressLogger(args.log_every_steps, steps_per_epoch, args.epochs,
                               args.batch_size)
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(dirs["checkpoint_dir"], save_freq=save_freq,
                                             delete_checkpoint=False),
         progress,
-        eval_callback,  # before TensorBoard so that val_gauc is in its epoch logs
-        tf.keras.callbacks.TensorBoard(log_dir, update_freq=args.log_every_steps,
-                                       profile_batch=0),
+        eval_callback,
+        TrainScalarsTensorBoard(log_dir, update_freq=args.log_every_steps, profile_batch=0),
     ]
     logger.info("training %s (%s) on %s: model dir %s, checkpoints %s, TensorBoard %s",
                 args.model, config.model_type, args.data, dirs["model_dir"],
