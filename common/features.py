@@ -321,7 +321,8 @@ class DatasetMetadata:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"{path} has unknown keys {unknown}; was it written by a newer version?")
+            raise ValueError(f"{path} has unknown keys {unknown}; was it written by a newer "
+                             "version?")
         return cls(**raw)
 
 

@@ -303,7 +303,7 @@ class World:
 
 def build_world(cfg: GeneratorConfig) -> World:
     """Topics, query vocabulary and items: the part shared by all users."""
-    T, S, D, I = cfg.topics, cfg.subtopics, cfg.embedding_dim, cfg.items
+    T, S, D, I = cfg.topics, cfg.subtopics, cfg.embedding_dim, cfg.items  # noqa: E741 (paper's notation)
     rng = _stream(cfg.seed, WORLD_STREAM)
     centres = _unit(rng.normal(size=(T, D)))
     offsets = _unit(rng.normal(size=(T, S, D)))

@@ -314,7 +314,8 @@ def export_model(model, metadata: F.DatasetMetadata, base_path: str, model_name:
                                    model_name)
         if logs:
             path = W.write_warmup(tmp_dir, logs)
-            log(f"wrote {len(logs)} warmup records from {min(warmup_requests, len(sample_requests))}"
+            sampled = min(warmup_requests, len(sample_requests))
+            log(f"wrote {len(logs)} warmup records from {sampled}"
                 f" test requests to {os.path.relpath(path, tmp_dir)}")
         else:
             log("no warmup file (--warmup-requests 0): the first live requests pay the "

@@ -116,7 +116,8 @@ class RankingMetrics:
 
 
 def _ranked_lists(relevance: np.ndarray, scores: np.ndarray, groups: np.ndarray):
-    """Yields (relevance sorted by descending score, stable) for every group, in first-seen order."""
+    """Yields (relevance sorted by descending score, stable) for every group, in first-seen
+    order."""
     # Sort by group (first appearance order), then by -score; lexsort is stable, so ties keep
     # the listed order of the candidates.
     _, first_index, inverse = np.unique(groups, return_index=True, return_inverse=True)

@@ -139,7 +139,7 @@ class RankingModel(tfrs.models.Model):
 
     # ---- unit construction -----------------------------------------------------------------
     def _build_long_term_unit(self):
-        c, e = self.config, self.embeddings
+        c = self.config
         if c.model_type == "qin":
             from trainer.layers.fused_attention import FusedAttentionUnit
             from trainer.layers.relevance_search import RelevanceSearchUnit
