@@ -42,7 +42,7 @@ class IndexConfig:
     # above which ScaNN is faster than a float32 matrix product on 2 cores).
     exact_below: int = 20_000
     leaves_per_sqrt_rows: float = 1.0  # num_leaves = this * sqrt(M)
-    leaves_to_search_fraction: float = 0.1  # leaves searched per query
+    leaves_to_search_fraction: float = 0.2  # leaves searched per query
     min_leaves_to_search: int = 16
     ah_dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2

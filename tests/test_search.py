@@ -87,7 +87,9 @@ def searcher(data_dir, base_path, server):
     stub, channel = C.make_stub(f"127.0.0.1:{server.port}")
     qrcf = QRCFRetriever(store, _table(), QRCFConfig(seed_eps=0.3, min_relevance=0.3))
     pdr = SE.PDRRetriever.from_base_path(base_path, store.metadata())
-    yield SE.Searcher(store, stub, qrcf, pdr, SE.SearchConfig(candidates=30, per_source=30))
+    quotas = {SE.PDR: 0.4, SE.QRCF: 0.3, SE.CONTENT: 0.3}  # every source takes slots
+    yield SE.Searcher(store, stub, qrcf, pdr, SE.SearchConfig(candidates=30, per_source=30,
+                                                              quotas=quotas))
     channel.close()
 
 
@@ -113,9 +115,8 @@ def test_search_returns_a_ranked_list_with_sources_and_explanations(searcher):
             assert item.qrcf_seeds == []
         for driver in item.drivers:
             assert driver.item_id in history_ids and driver.seconds_before > 0
-    # the ranking is QIN's: the same candidates ranked directly give the same scores
-    found = {s for item in result.items for s in item.sources}
-    assert len(found) >= 2
+    taken = {s for item in result.items for s in item.sources}
+    assert len(taken) >= 2
     text = SE.format_result(result)
     assert "found by" in text and result.items[0].item_id in text
 

@@ -18,9 +18,10 @@ On every request of the split, each source retrieves from the whole item corpus 
   (trainer/retrieval_oracle.py); every source also gets oracle_clicks@K, the true expected
   clicks of its top K over those of the oracle's top K.
 
-`--quota-grid` evaluates several quota settings of the merge (choose them on the eval split,
-report them on the test split). `--eps` sweeps QRCF's seed threshold: recall@200 and the mean
-query relevance (cosine of the retrieved items to the query) for each eps, plotted to
+`--quota-grid` evaluates other quota settings of the merge at K = 200 (choose them on the eval
+split, report them on the test split). `--eps` sweeps QRCF's seed threshold on the first
+`--sweep-requests` requests: recall@200 and the mean query relevance (cosine of the retrieved
+items to the query) for each eps, plotted to
 E/qrcf_eps_sweep.png. Writes E/retrieval_metrics.json ({source: {metric: value}}) and
 E/retrieval_metrics.md.
 """
@@ -39,7 +40,6 @@ import numpy as np
 import common  # noqa: F401
 
 logger = logging.getLogger("evaluate_retrieval")
-DEFAULT_QUOTAS = '{"pdr": 0.5, "qrcf": 0.3, "content": 0.2}'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator output (truth/) for the oracle and expected clicks")
     p.add_argument("--split", default="test", choices=("train", "eval", "test"))
     p.add_argument("--output", required=True, help="folder for the metrics and the plot")
-    p.add_argument("--quotas", default=DEFAULT_QUOTAS, help="JSON source shares of the merge")
+    p.add_argument("--quotas", default=None,
+                   help="JSON source shares of the merge (default: serving.search's)")
     p.add_argument("--quota-grid", default=None,
                    help="JSON list of quota objects to compare (merged_<n> in the output)")
     p.add_argument("--eps", default=None,
                    help="comma-separated QRCF seed_eps values to sweep, e.g. 0,0.2,0.4,0.6")
+    p.add_argument("--sweep-requests", type=int, default=500,
+                   help="requests of the eps sweep (the first N)")
     p.add_argument("--max-requests", type=int, default=None, help="evaluate the first N only")
     p.add_argument("--qrcf-config", default=None, help="JSON QRCFConfig overrides")
     return p
@@ -174,23 +177,30 @@ def run(args) -> Dict[str, Dict[str, float]]:
         results[source] = evaluate_lists(source_lists, clicked, probability)
     results["qrcf"]["mean_query_relevance"] = qrcf_relevance
     personal = {s: lists[s] for s in ("qrcf", "pdr", "content")}
-    grid = [json.loads(args.quotas)] + (json.loads(args.quota_grid) if args.quota_grid else [])
-    for g, quotas in enumerate(grid):
-        merged: Dict[str, float] = {}
-        for k in RM.KS:
-            at_k = evaluate_lists(merged_lists(personal, quotas, k), clicked, probability,
-                                  ks=(k,))
-            merged.update(at_k)
-        merged["quotas"] = quotas
-        results["merged" if g == 0 else f"merged_{g}"] = merged
+    from serving.search import DEFAULT_QUOTAS
+
+    quotas = json.loads(args.quotas) if args.quotas else dict(DEFAULT_QUOTAS)
+    merged: Dict[str, object] = {}
+    for k in RM.KS:
+        merged.update(evaluate_lists(merged_lists(personal, quotas, k), clicked, probability,
+                                     ks=(k,)))
+    merged["quotas"] = quotas
+    results["merged"] = merged
+    for g, quotas in enumerate(json.loads(args.quota_grid) if args.quota_grid else [], 1):
+        # alternatives at K = 200 only (the goal's K): the merge is pure Python
+        results[f"merged_{g}"] = {**evaluate_lists(merged_lists(personal, quotas, 200), clicked,
+                                                   probability, ks=(200,)), "quotas": quotas}
 
     sweep = []
     if args.eps:
+        m = min(args.sweep_requests, n)
+        subset = {key: value[:m] for key, value in requests.items()}
         for eps in [float(x) for x in args.eps.split(",")]:
             config = QRCFConfig(**{"max_results": k_max, **overrides, "seed_eps": eps})
-            eps_lists, relevance = qrcf_lists(QRCFRetriever(store, table, config), requests,
+            eps_lists, relevance = qrcf_lists(QRCFRetriever(store, table, config), subset,
                                               k_max)
-            found = evaluate_lists(eps_lists, clicked, probability, ks=(200,))
+            found = evaluate_lists(eps_lists, clicked[:m],
+                                   None if probability is None else probability[:m], ks=(200,))
             sweep.append({"eps": eps, "recall@200": found["recall@200"],
                           "mean_query_relevance": relevance,
                           "mean_items": float(np.mean([len(x) for x in eps_lists]))})
