@@ -82,19 +82,100 @@ def test_evaluate_fails_clearly_without_a_trained_model(tiny_dataset, tmp_path):
 def test_report_on_two_presets_writes_table_json_and_chart(tiny_dataset, tmp_path):
     out = tmp_path / "report"
     run = _run("trainer.report", "--data", tiny_dataset, "--output", str(out),
-               "--presets", "qin,dnn", "--epochs", "1", "--batch-size", "16", timeout=240)
+               "--presets", "qin,dnn", "--epochs", "1", "--batch-size", "16", timeout=400)
     report = json.loads((out / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["qin", "dnn"]
+    assert report["seeds"] == [0]
     oracle = report["oracle"]
     for row in report["rows"]:
         expected = (row["gauc_request"] - 0.5) / (oracle["gauc_request"] - 0.5)
         assert math.isclose(row["gauc_request_lift_captured"], expected)
-        metrics = json.loads((out / "eval" / row["model"] / "metrics.json").read_text())
+        run_eval = out / "eval" / row["model"] / "seed_0"
+        metrics = json.loads((run_eval / "metrics.json").read_text())
         assert row["auc"] == metrics["model"]["tasks"]["click"]["auc"]
+        assert row["auc_std"] is None  # one seed: no spread to show
+        # reliability bins of the same predictions: every test candidate in one bin
+        bins = json.loads((run_eval / "reliability.json").read_text())["click"]
+        assert sum(bins["count"]) == metrics["counts"]["candidates"]
+        assert row["reliability"] == bins
+        (seed_row,) = row["per_seed"]
+        assert len(seed_row["eval_gauc_per_epoch"]) == seed_row["epochs"] == 1
     table = (out / "report.md").read_text()
     assert "| qin |" in table and "| dnn |" in table and "oracle" in table
     assert "GAUC lift captured" in table and "click GAUC by request" in table
     assert report["verdict"] in table
+    assert report["verdict"].startswith("No winner is claimed: 1 seed(s)")
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "| qin |" in run.stdout
+
+
+def _seed_rows(model, gauc_by_seed):
+    return [{"model": model, "task": "click", "seed": seed, "auc": g, "gauc_request": g,
+             "gauc_user": g, "logloss": 0.4, "ndcg@10": 0.6, "mrr": 0.6, "best_epoch": 3,
+             "epochs": 3, "stopped_early": False, "eval_gauc_per_epoch": [g - 0.02, g - 0.01, g]}
+            for seed, g in gauc_by_seed.items()]
+
+
+def _report(per_model):
+    from trainer import report as R
+
+    oracle = {"auc": 0.81, "gauc_request": 0.81, "gauc_user": 0.81, "logloss": 0.38,
+              "ndcg@10": 0.75, "mrr": 0.77}
+    rows = [R.aggregate(model, _seed_rows(model, values), oracle)
+            for model, values in per_model.items()]
+    for row in rows:
+        row["reliability"] = {"count": [10, 20], "mean_prediction": [0.1, 0.3],
+                              "mean_label": [0.12, 0.26]}
+    return {"data": "data", "split": "test", "seeds": sorted(next(iter(per_model.values()))),
+            "epochs": 3, "early_stopping_patience": 0, "batch_size": 64,
+            "learning_rate": 0.001, "task": "click", "rows": rows, "oracle": oracle,
+            "verdict": R.verdict(rows)}
+
+
+def test_verdict_claims_a_winner_only_from_three_seeds_paired():
+    from trainer import report as R
+
+    one_seed = R.verdict(_report({"qin": {0: 0.74}, "dnn": {0: 0.70}})["rows"])
+    assert one_seed.startswith("No winner is claimed: 1 seed(s)") and "dnn +0.0400" in one_seed
+    two_seeds = R.verdict(_report({"qin": {0: 0.74, 1: 0.75}, "dnn": {0: 0.70, 1: 0.71}})["rows"])
+    assert two_seeds.startswith("No winner is claimed: 2 seed(s)")
+    # QIN ahead on every seed by a steady margin: paired test significant
+    steady = _report({"qin": {0: 0.740, 1: 0.752, 2: 0.731}, "dnn": {0: 0.730, 1: 0.741, 2: 0.722}})
+    assert steady["verdict"].startswith("QIN beats every baseline")
+    # the same means, but the per-seed differences disagree in sign: no claim
+    noisy = _report({"qin": {0: 0.760, 1: 0.722, 2: 0.741}, "dnn": {0: 0.720, 1: 0.741, 2: 0.732}})
+    assert noisy["verdict"].startswith("QIN beats no baseline") and "ties with" in noisy["verdict"]
+    # paired, not pooled: seeds shift both models together, QIN always ahead by ~0.002
+    shifted = _report({"qin": {0: 0.702, 1: 0.752, 2: 0.8015},
+                       "dnn": {0: 0.700, 1: 0.750, 2: 0.800}})
+    assert shifted["verdict"].startswith("QIN beats every baseline")
+
+
+def test_paired_t_test_p_value_matches_the_closed_form_for_two_degrees_of_freedom():
+    from trainer import report as R
+
+    result = R.paired_comparison([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    t = 2.0 / (1.0 / math.sqrt(3.0))
+    assert result["t"] == pytest.approx(t)
+    # Student t with 2 degrees of freedom: two-sided p = 1 - t / sqrt(2 + t^2)
+    assert result["p_value"] == pytest.approx(1.0 - t / math.sqrt(2.0 + t * t), rel=1e-9)
+
+
+def test_table_and_figure_show_spread_over_seeds_and_undertrained_models(tmp_path):
+    from trainer import report as R
+
+    report = _report({"qin": {0: 0.740, 1: 0.752, 2: 0.731}, "dnn": {0: 0.730, 1: 0.741, 2: 0.722}})
+    qin = report["rows"][0]
+    assert qin["gauc_request"] == pytest.approx((0.740 + 0.752 + 0.731) / 3)
+    assert qin["gauc_request_std"] == pytest.approx(np.std([0.740, 0.752, 0.731], ddof=1))
+    table = R.to_markdown(report)
+    assert f"{qin['gauc_request']:.4f} ± {qin['gauc_request_std']:.4f}" in table
+    assert "Still improving when the budget ran out" in table and "qin, dnn" in table
+    assert "3 seed(s) (0, 1, 2)" in table
+    path = tmp_path / "report.png"
+    R.plot(report, str(path))
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(str(path)).shape[:2]
+    assert width > 2.5 * height  # three panels side by side: bars, learning curves, reliability
