@@ -116,21 +116,38 @@ def evaluate(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], split: s
 
 
 @_component
-def release_gate(metrics: dsl.Input[dsl.Metrics], min_click_gauc: float,
-                 min_click_auc: float) -> bool:
-    """True when the evaluated model clears every threshold; the pipeline exports only then."""
-    gauc = float(metrics.metadata.get("model_click_gauc_request", float("nan")))
-    auc = float(metrics.metadata.get("model_click_auc", float("nan")))
-    passed = gauc >= min_click_gauc and auc >= min_click_auc  # NaN never passes
-    print(f"release gate: click GAUC(request) {gauc:.4f} (min {min_click_gauc}), "
-          f"click AUC {auc:.4f} (min {min_click_auc}) -> {'PASS' if passed else 'FAIL'}")
-    return passed
+def release_gate(metrics: dsl.Input[dsl.Metrics], model_base_path: str, model_name: str,
+                 min_click_gauc: float, min_click_auc: float, min_gain_over_served: float,
+                 decision: dsl.Output[dsl.Artifact]) -> bool:
+    """True when the candidate clears the floors and is not worse than the latest served
+    version on the same split (floors only when nothing is served): `python -m
+    pipelines.release_gate decide`. The pipeline exports only then; `decision` holds why."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipelines.release_gate", "decide",
+                           "--metrics", metrics.path + ".json",
+                           "--model-base-path", model_base_path, "--model-name", model_name,
+                           "--min-click-gauc", str(min_click_gauc),
+                           "--min-click-auc", str(min_click_auc),
+                           "--min-gain-over-served", str(min_gain_over_served),
+                           "--output", decision.path], capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"pipelines.release_gate failed with exit code {proc.returncode}")
+    result = json.loads(proc.stdout)
+    decision.metadata.update({"blessed": result["blessed"], "baseline": result["baseline"]})
+    return bool(result["blessed"])
 
 
 @_component
-def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], base_path: str,
-                 model_name: str, exported: dsl.Output[dsl.Model]) -> str:
-    """Exports a new numeric version under base_path/model_name for TF Serving to pick up."""
+def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model],
+                 metrics: dsl.Input[dsl.Metrics], base_path: str, model_name: str,
+                 exported: dsl.Output[dsl.Model]) -> str:
+    """Exports a new numeric version under base_path/model_name for TF Serving to pick up,
+    then records the evaluation beside it (<version>/assets.extra/metrics.json), the baseline
+    the next run's release gate compares with."""
     import json
     import subprocess
     import sys
@@ -142,6 +159,9 @@ def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], base
     if proc.returncode:
         raise RuntimeError(f"serving.export failed with exit code {proc.returncode}")
     summary = json.loads(proc.stdout)
+    subprocess.run([sys.executable, "-m", "pipelines.release_gate", "record",
+                    "--metrics", metrics.path + ".json", "--version-dir", summary["export_dir"]],
+                   check=True)
     exported.metadata.update({"model_name": model_name, "version": summary["version"],
                               "export_dir": summary["export_dir"]})
     with open(exported.path, "w") as f:

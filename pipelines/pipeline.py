@@ -1,7 +1,8 @@
 """The whole QIN flow as a Kubeflow Pipelines v2 pipeline (also runs on Vertex AI Pipelines):
 
   acquire raw logs (generate, or ingest canonical / KuaiSAR / JDsearch) -> preprocess (Beam)
-  -> train -> evaluate -> gate on metric thresholds (dsl.If) -> export a new model version
+  -> train -> evaluate -> release gate (dsl.If): floors, and not worse than the served version
+  -> export a new model version with its metrics beside it
 
 Compile with `python -m pipelines.compile`; run on this machine with
 `python -m pipelines.run_local`.
@@ -17,7 +18,7 @@ TRAIN_ACCELERATOR = "NVIDIA_TESLA_T4"
 
 @dsl.pipeline(name=PIPELINE_NAME,
               description="QIN personalized search ranking: logs -> TFRecords -> model -> "
-                          "evaluation gate -> TF Serving model version")
+                          "release gate (floors, served version) -> TF Serving model version")
 def qin_pipeline(
     input_format: str = "canonical",
     input_uri: str = "",
@@ -36,6 +37,7 @@ def qin_pipeline(
     batch_size: int = 64,
     min_click_gauc: float = 0.55,
     min_click_auc: float = 0.55,
+    min_gain_over_served: float = 0.0,
     model_base_path: str = "models",
     model_name: str = "qin",
 ):
@@ -54,9 +56,12 @@ def qin_pipeline(
     trained.set_retry(num_retries=2)  # checkpoints make a retried train step resume
     evaluation = components.evaluate(
         data=data.outputs["data"], model=trained.outputs["model"], split="test")
-    gate = components.release_gate(metrics=evaluation.outputs["metrics"],
-                                   min_click_gauc=min_click_gauc, min_click_auc=min_click_auc)
-    with dsl.If(gate.output == True, name="release-gate"):  # noqa: E712 (KFP condition)
+    gate = components.release_gate(
+        metrics=evaluation.outputs["metrics"], model_base_path=model_base_path,
+        model_name=model_name, min_click_gauc=min_click_gauc, min_click_auc=min_click_auc,
+        min_gain_over_served=min_gain_over_served)
+    with dsl.If(gate.outputs["Output"] == True, name="release-gate"):  # noqa: E712 (KFP)
         components.export_model(
             data=data.outputs["data"], model=trained.outputs["model"],
-            base_path=model_base_path, model_name=model_name)
+            metrics=evaluation.outputs["metrics"], base_path=model_base_path,
+            model_name=model_name)

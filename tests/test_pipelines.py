@@ -51,8 +51,8 @@ def test_compiled_yaml_matches_the_committed_one(tmp_path):
         "qin-search:latest"}
 
 
-def _run_local(tmp_path, name, *flags):
-    root, models = tmp_path / name / "runs", tmp_path / name / "models"
+def _run_local(tmp_path, name, *flags, models=None):
+    root, models = tmp_path / name / "runs", models or tmp_path / name / "models"
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.run_local", "--pipeline-root", str(root),
          "--model-base-path", str(models), "--users", "40", "--items", "400",
@@ -90,9 +90,13 @@ def test_local_run_produces_every_artifact_and_the_gate_decides_the_export(tmp_p
     version = os.path.join(models, "qin", "1")
     assert os.path.exists(os.path.join(version, "saved_model.pb"))
     assert os.path.exists(os.path.join(version, "assets.extra", "tf_serving_warmup_requests"))
+    # the evaluation is recorded beside the version: the next run's gate compares with it
+    assert json.load(open(os.path.join(version, "assets.extra", "metrics.json"))) == metrics
 
-    # The same logs ingested through input_uri, with a gate nobody can pass: no new version.
-    _, models2, log = _run_local(tmp_path, "closed", "--input-uri", raw,
-                                 "--min-click-gauc", "1.01")
-    assert "-> FAIL" in log
-    assert not os.path.exists(os.path.join(models2, "qin"))
+    # The same logs ingested through input_uri into the same model base path, with a gain over
+    # served version 1 no model can show: the gate compares with version 1 and fails.
+    _, _, log = _run_local(tmp_path, "closed", "--input-uri", raw, "--min-click-gauc", "0",
+                           "--min-click-auc", "0", "--min-gain-over-served", "1.0",
+                           models=tmp_path / "open" / "models")
+    assert "release gate vs served version 1" in log and "-> FAIL" in log
+    assert os.listdir(os.path.join(models, "qin")) == ["1"]
