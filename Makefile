@@ -10,17 +10,21 @@ DEMO_DIR ?= demo_output
 
 venv: $(STAMP)
 
+# pip shows its own progress (a line per package, download bars on a terminal) instead of
+# running silently for minutes; the full pip log goes to $(VENV)/pip-install.log.
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing requirements.txt into $(VENV) (first time: a few minutes; log: $(VENV)/pip-install.log)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --progress-bar on --log $(VENV)/pip-install.log -r requirements.txt
 	@cp requirements.txt $(STAMP)
 
 test: venv
 	$(PY) -m pytest tests
 
+# `make demo VERBOSE=1` also shows every line of the steps' logs (TensorFlow, Beam, KFP).
 demo: venv
-	$(PY) -m pipelines.demo --output $(DEMO_DIR)
+	$(PY) -m pipelines.demo --output $(DEMO_DIR) $(if $(VERBOSE),--verbose)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -152,10 +152,10 @@ def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model],
     import subprocess
     import sys
 
+    # stdout is the export's JSON summary; its progress lines (stderr) stream as they come
     proc = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", model.path,
                            "--data", data.path, "--base-path", base_path,
-                           "--model-name", model_name], capture_output=True, text=True)
-    sys.stderr.write(proc.stderr)
+                           "--model-name", model_name], stdout=subprocess.PIPE, text=True)
     if proc.returncode:
         raise RuntimeError(f"serving.export failed with exit code {proc.returncode}")
     summary = json.loads(proc.stdout)

@@ -1,29 +1,41 @@
 """`make demo`: the whole flow on generated data, end to end, on this machine.
 
   1. the Kubeflow pipeline through kfp.local: generate logs -> Beam preprocessing -> train QIN
-     -> evaluate (with the oracle's row) -> metric gate -> export a TF Serving model version;
-  2. a small comparison report (QIN against baselines) with its chart;
-  3. the project's TF Serving-protocol gRPC server on 127.0.0.1 serving the exported version;
-  4. the client ranking candidates for a few users and queries through the official stub;
-  5. where the metrics table, the plots and the TensorBoard logs are.
+     -> evaluate (with the oracle's row) -> release gate (floors, and not worse than the served
+     version) -> export a TF Serving model version;
+  2. a small comparison (QIN against baselines) with its figure: one seed and the pipeline's
+     budget, so it shows the tooling, not which model is better;
+  3. the project's TF Serving-protocol gRPC server on 127.0.0.1 serving the latest version;
+  4. search (serving.search) for a few users and queries: readable ranked lists with the
+     behaviours that drove them, their relevance to the query and the user's engagement;
+  5. where the metrics table, the figures, the TensorBoard logs and the logs are.
 
-    python -m pipelines.demo --output demo_output
+Every long step prints a counted line with its elapsed time; the output of the steps themselves
+(TensorFlow, Beam, KFP's executor logs) goes to log files under OUTPUT/logs/, whose paths are
+printed. --verbose shows it all on the terminal as well.
+
+    python -m pipelines.demo --output demo_output [--verbose]
 """
 import argparse
 import glob
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_NAME = "qin"
+DEMO_STEPS = 4
 
 
-def _banner(text: str) -> None:
-    print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
+def _header(step: int, text: str, log_path: Optional[str] = None) -> None:
+    where = f"   (log: {log_path})" if log_path else ""
+    print(f"\n== {step}/{DEMO_STEPS}  {text}{where}", flush=True)
 
 
 def _free_port() -> int:
@@ -59,7 +71,7 @@ def _task_dir(run_dir: str, task: str) -> str:
 
 
 def _sample_user_queries(raw_dir: str, count: int):
-    """(user, query text) pairs from the last generated search requests, in query words."""
+    """(user, query text, request time in ms) of the last generated search requests."""
     import pyarrow.parquet as pq
 
     vocab = pq.read_table(os.path.join(raw_dir, "query_vocab.parquet"),
@@ -69,95 +81,253 @@ def _sample_user_queries(raw_dir: str, count: int):
                              columns=["user_id", "timestamp", "query_tokens"]).to_pandas()
     latest = requests.sort_values("timestamp").drop_duplicates("user_id", keep="last")
     for row in latest.tail(count).itertuples():
-        yield row.user_id, " ".join(words[t] for t in row.query_tokens)
+        yield row.user_id, " ".join(words[t] for t in row.query_tokens), int(row.timestamp)
+
+
+def _pipeline_steps() -> int:
+    from pipelines.pipeline import qin_pipeline
+
+    return len(qin_pipeline.pipeline_spec.deployment_spec["executors"])
+
+
+def _quiet_this_process() -> None:
+    """Framework noise of the demo's own process (it imports TensorFlow for the search)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # also cuInit's error on GPU-less hosts
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("tensorflow", "absl", "kfp"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="demo_output", help="where everything is written")
-    parser.add_argument("--users", type=int, default=300)
-    parser.add_argument("--items", type=int, default=1500)
-    parser.add_argument("--requests", type=int, default=6000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--output", default="demo_output",
+                        help="where everything is written (default: demo_output)")
+    parser.add_argument("--users", type=int, default=300, help="generated users (default: 300)")
+    parser.add_argument("--items", type=int, default=1500, help="generated items (default: 1500)")
+    parser.add_argument("--requests", type=int, default=6000,
+                        help="generated search requests (default: 6000)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="training epochs, pipeline and comparison alike (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="requests per batch, pipeline and comparison alike (default: 64)")
     parser.add_argument("--lifelong-users", type=int, default=0,
                         help="users with 10^4-10^5 behaviours; also switches the long-term "
-                             "sequence to stage-1 (query-relevant) preselection")
+                             "sequence to stage-1 (query-relevant) preselection (default: 0)")
     parser.add_argument("--report-presets", default="qin,din,dnn",
-                        help="models compared in the demo's report ('' to skip the report)")
-    parser.add_argument("--seed", type=int, default=7)
+                        help="models compared in the demo's report, '' to skip it "
+                             "(default: qin,din,dnn)")
+    parser.add_argument("--seed", type=int, default=7, help="(default: 7)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show every line of the steps' logs (TensorFlow, Beam, KFP)")
     return parser
+
+
+def run_pipeline(args, output: str, base_path: str, log_path: str) -> str:
+    """The KFP pipeline through `python -m pipelines.run_local`; returns the run directory."""
+    from pipelines import progress
+
+    pipeline_root = os.path.join(output, "pipeline_runs")
+    os.makedirs(pipeline_root, exist_ok=True)
+    before = set(os.listdir(pipeline_root))
+    command = [sys.executable, "-m", "pipelines.run_local", "--pipeline-root", pipeline_root,
+               "--users", str(args.users), "--items", str(args.items),
+               "--requests", str(args.requests), "--seed", str(args.seed),
+               "--lifelong-users", str(args.lifelong_users), "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size),
+               "--long-term-mode", "stage1" if args.lifelong_users else "recent",
+               "--model-base-path", base_path, "--model-name", MODEL_NAME]
+    env = progress.quiet_environment()
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get(
+        "PYTHONPATH", "").split(os.pathsep) if p])
+    code = progress.run_logged(command, log_path, progress.KfpStages(_pipeline_steps()),
+                               verbose=args.verbose, label="pipeline", env=env, cwd=REPO_ROOT)
+    if code:
+        sys.stdout.writelines(progress.tail(log_path))
+        raise RuntimeError(f"the pipeline failed (exit code {code}); the whole log: {log_path}")
+    new = sorted(set(os.listdir(pipeline_root)) - before)
+    if not new:
+        raise RuntimeError(f"the pipeline wrote no run directory under {pipeline_root}")
+    return os.path.join(pipeline_root, new[-1])
+
+
+def first_table(markdown: str) -> str:
+    """The Markdown up to the end of its first table (title, counts, per-task metrics)."""
+    lines, in_table = [], False
+    for line in markdown.splitlines():
+        if in_table and not line.startswith("|"):
+            break
+        in_table = in_table or line.startswith("|")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _test_gauc(metrics_path: str) -> float:
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    tasks = metrics["model"]["tasks"]
+    return float(tasks[next(iter(tasks))]["gauc_request"])
+
+
+def run_report(args, data_dir: str, report_dir: str, log_path: str) -> dict:
+    """The comparison with the pipeline's budget (epochs, batch size, seed, no early stop),
+    so its QIN is trained like the pipeline's."""
+    from pipelines import progress
+
+    command = [sys.executable, "-m", "trainer.report", "--data", data_dir, "--output",
+               report_dir, "--presets", args.report_presets, "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--seeds", "1",
+               "--early-stopping-patience", "0"]
+
+    def watch(line: str) -> Optional[str]:
+        text = line.rstrip()
+        if " INFO [" in text and "] training " in text:  # "[2/3] training din, seed 7"
+            return "   " + text.split(" INFO ", 1)[1]
+        if " INFO " in text and " finished in " in text:  # "din seed 7 finished in 81.0s"
+            return "      " + text.split(" INFO ", 1)[1]
+        if text.startswith("[") and "] " in text:  # a run's epoch / done lines
+            return "      " + text
+        return None
+
+    code = progress.run_logged(command, log_path, watch, verbose=args.verbose, label="report",
+                               env=progress.quiet_environment(), cwd=REPO_ROOT)
+    if code:
+        sys.stdout.writelines(progress.tail(log_path))
+        raise RuntimeError(f"the comparison failed (exit code {code}); log: {log_path}")
+    with open(os.path.join(report_dir, "report.json")) as f:
+        return json.load(f)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_this_process()
+    from pipelines import progress, release_gate
 
-    from pipelines import run_local
-
+    started = time.monotonic()
     output = os.path.abspath(args.output)
-    os.makedirs(output, exist_ok=True)
+    logs = os.path.join(output, "logs")
+    os.makedirs(logs, exist_ok=True)
     base_path = os.path.join(output, "models")
+    model_root = os.path.join(base_path, MODEL_NAME)
 
-    _banner("1/4  Kubeflow pipeline (kfp.local): generate -> preprocess -> train -> evaluate "
-            "-> gate -> export")
-    run_dir = run_local.run(dict(
-        users=args.users, items=args.items, requests=args.requests, seed=args.seed,
-        lifelong_users=args.lifelong_users, epochs=args.epochs,
-        long_term_mode="stage1" if args.lifelong_users else "recent",
-        model_base_path=base_path, model_name="qin"), os.path.join(output, "pipeline_runs"))
+    log = os.path.join(logs, "pipeline.log")
+    _header(1, "Kubeflow pipeline (kfp.local): generate -> preprocess -> train -> evaluate -> "
+               "release gate -> export", log)
+    run_dir = run_pipeline(args, output, base_path, log)
     raw_dir = os.path.join(_task_dir(run_dir, "acquire-raw-logs"), "raw")
     data_dir = os.path.join(_task_dir(run_dir, "preprocess"), "data")
     model_dir = os.path.join(_task_dir(run_dir, "train"), "model")
     evaluate_dir = _task_dir(run_dir, "evaluate")
     metrics_table = os.path.join(evaluate_dir, "report")
-    print(open(metrics_table).read())
-    if not os.path.isdir(os.path.join(base_path, "qin")):
-        print("the evaluation gate did not pass: no model version was exported", file=sys.stderr)
+    metrics_json = os.path.join(evaluate_dir, "metrics.json")
+    print()
+    print(first_table(open(metrics_table).read()))
+    print(f"(every metric: {metrics_table})")
+    decision_path = os.path.join(_task_dir(run_dir, "release-gate"), "decision")
+    if os.path.exists(decision_path):
+        print(release_gate.summary_line(release_gate.read_json(decision_path)))
+    served_version = release_gate.latest_served_version(model_root)
+    if served_version is None:
+        print("the release gate did not pass and no version was ever exported: nothing to "
+              "serve", file=sys.stderr)
         return 1
+    print(f"serving version {served_version} of {model_root}")
+    pipeline_gauc = _test_gauc(metrics_json)
 
     report_dir = os.path.join(output, "report")
     if args.report_presets:
-        _banner(f"2/4  comparison report: {args.report_presets}")
-        subprocess.run([sys.executable, "-m", "trainer.report", "--data", data_dir,
-                        "--output", report_dir, "--presets", args.report_presets,
-                        "--epochs", str(args.epochs), "--seed", str(args.seed)], check=True)
+        log = os.path.join(logs, "report.log")
+        _header(2, f"comparison: {args.report_presets} (one seed, the pipeline's budget)", log)
+        report = run_report(args, data_dir, report_dir, log)
+        print()
+        for row in report["rows"]:
+            print(f"   {row['model']:<6} test click GAUC (request) {row['gauc_request']:.4f}, "
+                  f"AUC {row['auc']:.4f}")
+        qin_rows = [r for r in report["rows"] if r["model"] == "qin"]
+        if qin_rows:
+            compared = qin_rows[0]["gauc_request"]
+            why = ("the same model" if abs(compared - pipeline_gauc) < 1e-4 else
+                   "training is not bit-reproducible across processes")
+            print(f"\n   QIN test click GAUC: pipeline {pipeline_gauc:.4f}, comparison "
+                  f"{compared:.4f} (retrained with the same data, seed and budget: {why})")
+        improving = [r["model"] for r in report["rows"] if r.get("still_improving")]
+        print(f"   Not a quality claim: one seed and a fixed budget of {args.epochs} epochs"
+              + (f"; still improving at the last epoch: {', '.join(improving)}" if improving
+                 else "") + ". For a claim: `python -m trainer.report --seeds 3` on a larger "
+              "dataset (docs/REPORT.md).")
+        if report.get("verdict"):
+            print(f"   {report['verdict']}")
+    else:
+        _header(2, "comparison skipped (--report-presets '')")
 
-    _banner("3/4  TF Serving-protocol gRPC server on 127.0.0.1")
+    log = os.path.join(logs, "model_server.log")
+    _header(3, "TF Serving-protocol gRPC server on 127.0.0.1", log)
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    # TF Serving semantics: the model base path is the folder holding the numeric versions.
-    server = subprocess.Popen([sys.executable, "-m", "serving.model_server", "--model-base-path",
-                               os.path.join(base_path, "qin"), "--model-name", "qin",
-                               "--port", str(port)])
+    with open(log, "a") as server_log:
+        # TF Serving semantics: the model base path is the folder holding the numeric versions.
+        server = subprocess.Popen(
+            [sys.executable, "-m", "serving.model_server", "--model-base-path", model_root,
+             "--model-name", MODEL_NAME, "--port", str(port), "--rest-api-port", "0"],
+            stdout=server_log, stderr=subprocess.STDOUT, env=progress.quiet_environment(),
+            cwd=REPO_ROOT)
     try:
+        server_started = time.monotonic()
         _wait_serving(address)
-        print(f"serving {base_path}/qin at {address}")
-        _banner("4/4  client: (user, query) -> ranked list")
-        from serving import client
-
-        store = client.open_feature_store(os.path.join(data_dir, "feature_store.sqlite"))
-        stub, channel = client.make_stub(address)
-        with channel:
-            for user_id, query in _sample_user_queries(raw_dir, count=3):
-                result = client.rank(stub, store, user_id, query, top_k=5)
-                print()
-                print(client.format_result(result))
+        print(f"   serving {model_root} (version {served_version}) at {address}, ready in "
+              f"{progress.elapsed(time.monotonic() - server_started)}")
+        _header(4, "search: (user, query) -> ranked list, explained")
+        search_examples(data_dir, raw_dir, address)
     finally:
         server.terminate()  # SIGTERM: the server drains in-flight requests and exits
         server.wait(timeout=60)
 
-    _banner("where things are")
+    print(f"\n== where things are (demo took {progress.elapsed(time.monotonic() - started)})")
+    tensorboard = os.path.join(model_dir, "logs")
     print(f"metrics table     {metrics_table}")
-    print(f"metrics (JSON)    {os.path.join(evaluate_dir, 'metrics')}")
+    print(f"metrics (JSON)    {metrics_json}")
     if args.report_presets:
-        print(f"report and plots  {report_dir}  ({', '.join(sorted(os.listdir(report_dir)))})")
-    print(f"TensorBoard logs  {os.path.join(model_dir, 'logs')}   "
-          f"(.venv/bin/tensorboard --logdir {os.path.join(model_dir, 'logs')})")
-    print(f"exported model    {base_path}/qin  (saved_model_cli show --all --dir <version dir>)")
+        print(f"comparison        {os.path.join(report_dir, 'report.md')}, "
+              f"{os.path.join(report_dir, 'report.png')}")
+    print(f"TensorBoard       .venv/bin/tensorboard --logdir {tensorboard}   (train/, eval/)")
+    print(f"exported model    {model_root}  (saved_model_cli show --all --dir <version dir>)")
     print(f"serve it again    .venv/bin/python -m serving.model_server "
-          f"--model-base-path {base_path}/qin --model-name qin --port 8500")
+          f"--model-base-path {model_root} --model-name {MODEL_NAME} --port 8500")
+    print(f"logs              {logs}")
     print(json.dumps({"run_dir": run_dir, "data": data_dir, "model": model_dir}, indent=2))
     return 0
+
+
+def search_examples(data_dir: str, raw_dir: str, address: str) -> None:
+    """Ranked lists for the last requests of a few users, one with a word the vocabulary does
+    not know, and one for a user the store has never seen."""
+    from common.feature_store import FEATURE_STORE_FILE, SqliteFeatureStore
+    from pipelines.explain import explain, load_catalogue
+    from serving import client
+    from serving.search import CONTENT, SearchConfig, Searcher
+
+    store = SqliteFeatureStore(os.path.join(data_dir, FEATURE_STORE_FILE))
+    catalogue = load_catalogue(raw_dir)
+    stub, channel = client.make_stub(address)
+    # Retrieval here is the content baseline: QRCF needs `python -m preprocessing.item_to_item`
+    # and PDR `python -m trainer.pdr_task` + `serving.export_retrieval`, outside this demo.
+    searcher = Searcher(store, stub, config=SearchConfig(candidates=100, per_source=100,
+                                                         quotas={CONTENT: 1.0}))
+    print("   retrieval: content-embedding baseline (QRCF and PDR retrieval are not built by "
+          "the demo); ranking: QIN over gRPC")
+    examples = [(user, query, now_ms, 5) for user, query, now_ms in
+                _sample_user_queries(raw_dir, count=3)]
+    user, query, now_ms, _ = examples[0]
+    examples.append((user, query + " zebra", now_ms, 2))  # an unknown word: reported in a note
+    examples.append(("new_user", examples[1][1], examples[1][2], 2))  # cold start: a note too
+    with channel:
+        for user, query, now_ms, k in examples:
+            result = searcher.search(user, query, now_ms=now_ms, k=k)
+            print()
+            print(explain(result, store, catalogue))
 
 
 if __name__ == "__main__":
