@@ -296,13 +296,22 @@ def format_result(result: RankingResult) -> str:
     lines += [f"note: {n}" for n in result.notes]
     tasks = list(result.items[0].task_scores) if result.items else []
     lines.append(f"{'rank':>4}  {'item':<16} {'score':>8} " +
-                 " ".join(f"{t:>10}" for t in tasks) + "  driven by (item, weight)")
+                 " ".join(f"{task_column(t):>12}" for t in tasks) + "  driven by (item, weight)")
     for i, item in enumerate(result.items, 1):
         drivers = ", ".join(f"{d.item_id} {d.weight:.2f}" for d in item.drivers) or "-"
         lines.append(f"{i:>4}  {item.item_id:<16} {item.score:>8.4f} " +
-                     " ".join(f"{item.task_scores[t]:>10.4f}" for t in tasks) +
-                     f"  {drivers}")
+                     " ".join(f"{format_task_value(t, item.task_scores[t]):>12}"
+                              for t in tasks) + f"  {drivers}")
     return "\n".join(lines)
+
+
+def task_column(task: str) -> str:
+    """Column title of a task: probabilities by name, watch time as expected seconds."""
+    return f"p({task})" if F.is_binary_task(task) else f"E[{task}] s"
+
+
+def format_task_value(task: str, value: float) -> str:
+    return f"{value:.4f}" if F.is_binary_task(task) else f"{value:.1f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,15 +8,19 @@ Signatures of an exported version
 ---------------------------------
 ``serving_default`` (predict)
     input ``inputs``: serialized tf.Example [B], each a request example (see
-    `common.features`) with exactly ONE candidate. Outputs ``<task>`` probabilities [B] for every
-    task and the fused ``score`` [B]. A batch of examples is a batch of independent candidates.
-``classify_<task>`` (tensorflow/serving/classify)
+    `common.features`) with exactly ONE candidate. Outputs ``<task>`` [B] for every task (the
+    probability of a binary task; for ``watch_time``, when the data has it, the expected play
+    time in seconds) and the fused ``score`` [B]. A batch of examples is a batch of independent
+    candidates. Heads are calibrated and the score uses the tuned fusion weights when the model
+    was post-trained (`python -m trainer.objectives`).
+``classify_<task>`` (tensorflow/serving/classify), binary tasks only
     input ``inputs`` as above; outputs ``scores`` [B, 2] = (1 - p, p) and ``classes`` [B, 2] =
     ("0", "1"). Works with TF Serving's Classify and MultiInference, with ExampleList and with
     ExampleListWithContext (the query and the behaviour sequences once as the context Example,
     the candidates as the list: the server merges the context into each candidate).
 ``regress_<task>``, ``regress_score`` (tensorflow/serving/regress)
-    input ``inputs`` as above; output ``outputs`` [B] (the task probability or the fused score).
+    input ``inputs`` as above; output ``outputs`` [B] (the task probability, the expected watch
+    time in seconds, or the fused score).
 ``rank_listwise`` (predict)
     dense tensors of B requests with N candidates each (see `listwise_input_specs`); the
     query- and user-side work runs once per request. Outputs ``<task>`` and ``score`` [B, N],
@@ -71,9 +75,14 @@ def regress_targets(tasks: Sequence[str]) -> List[str]:
     return list(tasks) + [SCORE]
 
 
+def classify_tasks(tasks: Sequence[str]) -> List[str]:
+    """Tasks with a Classify signature: the binary ones (watch time is only regressed)."""
+    return F.binary_tasks(tasks)
+
+
 def example_signature_names(tasks: Sequence[str]) -> List[str]:
     """Signatures whose only input is `inputs` (serialized tf.Example, one candidate each)."""
-    return ([SERVING_DEFAULT] + [classify_signature(t) for t in tasks]
+    return ([SERVING_DEFAULT] + [classify_signature(t) for t in classify_tasks(tasks)]
             + [regress_signature(t) for t in regress_targets(tasks)])
 
 
@@ -85,7 +94,7 @@ def signature_names(tasks: Sequence[str]) -> List[str]:
 def signature_methods(tasks: Sequence[str]) -> Dict[str, str]:
     """method_name of every signature (what TF Serving's Classify/Regress check)."""
     methods = {SERVING_DEFAULT: PREDICT_METHOD, RANK_LISTWISE: PREDICT_METHOD}
-    methods.update({classify_signature(t): CLASSIFY_METHOD for t in tasks})
+    methods.update({classify_signature(t): CLASSIFY_METHOD for t in classify_tasks(tasks)})
     methods.update({regress_signature(t): REGRESS_METHOD for t in regress_targets(tasks)})
     return methods
 
@@ -433,7 +442,7 @@ def build_signatures(model, metadata: F.DatasetMetadata) -> Dict[str, Any]:
             return {REGRESS_OUTPUTS: per_candidate(inputs)[target]}
         return regress.get_concrete_function()
 
-    for task in tasks:
+    for task in classify_tasks(tasks):
         signatures[classify_signature(task)] = classify_fn(task)
     for target in regress_targets(tasks):
         signatures[regress_signature(target)] = regress_fn(target)

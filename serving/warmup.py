@@ -7,9 +7,10 @@ model, so every signature's kernels are loaded and its graphs compiled before li
 
 * Predict on `rank_listwise` (dense request with its candidates),
 * Predict on `serving_default` (one serialized Example per candidate),
-* Classify on `classify_<first task>` and Regress on `regress_score` with an
+* Classify on `classify_<first binary task>` and Regress on `regress_score` with an
   ExampleListWithContext (query and sequences once, candidates as the list),
-* MultiInference over every classify/regress signature with the same input.
+* MultiInference over every classify/regress signature with the same input (on data with watch
+  time this includes `regress_watch_time`, the expected play time).
 
 `read_warmup` parses the file back and `warmup_calls` turns each record into the signature
 calls TF Serving would make (contexts merged into every example), for replay and tests.
@@ -104,7 +105,7 @@ def build_warmup_logs(serialized_requests: Sequence[bytes], metadata: F.DatasetM
 
         context, candidates = S.split_request_example(raw, metadata)
         classify = classification_pb2.ClassificationRequest()
-        _model_spec(classify, model_name, S.classify_signature(tasks[0]))
+        _model_spec(classify, model_name, S.classify_signature(S.classify_tasks(tasks)[0]))
         _example_list_with_context(classify.input, context, candidates)
         logs.append(prediction_log_pb2.PredictionLog(
             classify_log=prediction_log_pb2.ClassifyLog(request=classify)))

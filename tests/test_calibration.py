@@ -118,3 +118,12 @@ def test_knots_round_trip_through_json():
     np.testing.assert_array_equal(again.y, knots.y)
     with pytest.raises(KeyError):
         C.Knots.from_dict({"x": [0.0], "y": [0.0]})
+
+
+def test_platt_never_reverses_the_order_of_the_head():
+    rng = np.random.default_rng(7)
+    p = rng.random(2000)
+    y = (rng.random(2000) < 1 - p).astype(float)  # labels run against the head
+    knots = C.fit_platt(p, y)
+    assert np.all(np.diff(knots.y) >= 0)
+    np.testing.assert_allclose(knots.y, np.mean(y), rtol=1e-9)

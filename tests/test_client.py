@@ -170,3 +170,13 @@ def test_format_and_cli_help(served, store):
     out = subprocess.run([sys.executable, "-m", "serving.client", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--feature-store" in out.stdout and "--top-k" in out.stdout
+
+
+def test_format_shows_probabilities_and_expected_watch_time_in_seconds():
+    item = C.RankedItem(item_id="i1", score=0.5,
+                        task_scores={"click": 0.25, F.WATCH_TIME: 12.345},
+                        retrieval_cosine=0.9, drivers=[])
+    result = C.RankingResult("u1", "cooking", [item], [], 1, 3.0, 10, 5)
+    header, row = C.format_result(result).splitlines()[1:3]
+    assert "p(click)" in header and f"E[{F.WATCH_TIME}] s" in header
+    assert "0.2500" in row and "12.3" in row and "12.3450" not in row

@@ -110,6 +110,96 @@ def test_report_on_two_presets_writes_table_json_and_chart(tiny_dataset, tmp_pat
     assert "| qin |" in run.stdout
 
 
+def test_compute_metrics_with_watch_time_and_truth():
+    """Binary tasks get AUC and ECE; watch time gets regression metrics and is left out of
+    graded relevance; clicks@10 / watch time@10 follow the score, on labels and on truth."""
+    from common import features as F
+    from trainer import config as C
+    from trainer import evaluate as E
+    from trainer import metrics as M
+
+    rng = np.random.default_rng(0)
+    n, per = 600, 15
+    groups = np.repeat(np.arange(n // per), per).astype(str).astype(object)
+    flat = {"request_id": groups, "user_id": groups}
+    p = rng.beta(1.0, 4.0, n)
+    for task, prob in zip(F.DEFAULT_TASKS, (p, p * 0.5, p * 0.2)):
+        flat[F.label_feature(task)] = (rng.random(n) < prob).astype(np.float32)
+        flat[F.true_prob_feature(task)] = prob
+        flat[f"pred_{task}"] = np.clip(prob * 1.1, 0, 1)
+    expected_watch = p * rng.uniform(10, 60, n)
+    flat[F.label_feature(F.WATCH_TIME)] = flat["label_click"] * expected_watch / np.maximum(p, 1e-3)
+    flat[F.true_prob_feature(F.WATCH_TIME)] = expected_watch
+    flat[f"pred_{F.WATCH_TIME}"] = expected_watch * 0.9
+    flat["score"] = flat["pred_click"] * flat[f"pred_{F.WATCH_TIME}"] ** 0.3
+    metadata = F.DatasetMetadata(tasks=F.WATCH_TIME_TASKS, has_true_probabilities=True)
+    weights = {"click": 1.0, F.WATCH_TIME: 0.3}
+    result = E.compute_metrics(flat, metadata, C.preset("dnn"), weights)
+    model = result["model"]
+    assert set(model["tasks"]) == set(F.DEFAULT_TASKS)  # no AUC of seconds
+    assert model["tasks"]["click"]["ece"] == pytest.approx(
+        M.expected_calibration_error(flat["label_click"], flat["pred_click"]))
+    watch = model["regression"][F.WATCH_TIME]
+    assert watch["mean_prediction"] == pytest.approx(0.9 * expected_watch.mean())
+    assert watch["correlation_with_truth"] == pytest.approx(1.0)
+    assert model["ranking_graded"]["relevance"] == "click+long_view+like"
+    assert model["objectives"]["oracle_watch_time@10"] == pytest.approx(
+        M.top_k_mean_sum(expected_watch, flat["score"], groups, 10))
+    assert model["objectives"]["clicks@10"] == pytest.approx(
+        M.top_k_mean_sum(flat["label_click"], flat["score"], groups, 10))
+    # the oracle ranks its true values with the same (tuned) weights: the model's ranking
+    # here is the oracle's exactly (predictions are scaled truths)
+    assert result["oracle"]["objectives"]["oracle_watch_time@10"] == pytest.approx(
+        model["objectives"]["oracle_watch_time@10"])
+    assert "| model | watch_time |" in E.to_markdown(result)
+
+
+def test_objectives_cli_calibrates_tunes_and_stores_with_the_model(tmp_path):
+    """`trainer.objectives fit` on a trained tiny model with watch time: post_training.json
+    is written and the reloaded model serves exactly the calibrated heads and tuned score;
+    the maps are monotone (probabilities inside (0, 1), watch time in seconds); `summarize`
+    writes docs-shaped objectives.json."""
+    from common import features as F
+    from tests.tiny_dataset import write_tiny_dataset
+    from trainer import post_training
+
+    data = write_tiny_dataset(str(tmp_path / "data"), requests_per_split=(64, 48, 48),
+                              tasks=F.WATCH_TIME_TASKS)
+    model_dir, out = tmp_path / "m", tmp_path / "o"
+    _run("trainer.task", "--data", data, "--model-dir", str(model_dir), "--model", "dnn",
+         "--epochs", "1", "--batch-size", "16")
+    _run("trainer.objectives", "fit", "--data", data, "--model-dir", str(model_dir),
+         "--output", str(out), timeout=300)
+    run = json.loads((out / "objectives_run.json").read_text())
+    saved = post_training.load(str(model_dir))
+    assert set(saved["calibration"]) == set(F.WATCH_TIME_TASKS)
+    assert saved["fusion"]["weights"] == run["fusion"]["weights"]
+    assert run["in_model_max_relative_gap"] < 1e-4
+    click = run["calibration"]["click"]
+    assert click["method"] in ("isotonic", "platt")
+    assert set(click["held_out_error_by_method"]) == {"isotonic", "platt"}
+    for task, knots in saved["calibration"].items():  # monotone maps; seconds for watch time
+        assert np.all(np.diff(knots["x"]) >= 0) and np.all(np.diff(knots["y"]) >= 0)
+        if task == F.WATCH_TIME:
+            assert knots["method"] == "isotonic" and max(knots["y"]) > 1.0
+        else:
+            assert 0.0 < min(knots["y"]) and max(knots["y"]) < 1.0
+    for key in ("test_labels", "test_oracle"):
+        assert set(run["fusion"][key]) >= {"clicks_change", "watch_time_gain", "curve"}
+    assert (out / "reliability.png").stat().st_size > 0 and (out / "tradeoff.png").exists()
+    docs = tmp_path / "docs"
+    _run("trainer.objectives", "summarize", "--runs", str(out), str(out), "--output",
+         str(docs), timeout=60)
+    summary = json.loads((docs / "objectives.json").read_text())
+    assert summary["calibration"]["click"]["ece_after"] == pytest.approx(click["ece_after"])
+    assert summary["std"]["click"]["ece_after"] == 0.0  # the same run twice
+    fusion = summary["fusion"]
+    assert fusion["oracle_watch_time@10_gain"] == pytest.approx(
+        run["fusion"]["test_oracle"]["watch_time_gain"])
+    assert "oracle_clicks@10_change" in fusion and fusion["objective"]
+    assert (docs / "objectives_tradeoff.png").exists()
+
+
 def _seed_rows(model, gauc_by_seed):
     return [{"model": model, "task": "click", "seed": seed, "auc": g, "gauc_request": g,
              "gauc_user": g, "logloss": 0.4, "ndcg@10": 0.6, "mrr": 0.6, "best_epoch": 3,

@@ -1,6 +1,8 @@
-"""Serving signatures on the real ranking model (QIN preset, tiny dataset): listwise and
-per-example paths agree, Classify/Regress conform to TF Serving, bad input is rejected, and every
-signature runs unchanged in a clean process that imports only TensorFlow."""
+"""Serving signatures on the real ranking model (QIN preset, tiny dataset with the watch-time
+task, heads calibrated and the fused score weighted as after `trainer.objectives`): listwise and
+per-example paths agree, Classify/Regress conform to TF Serving, the expected watch time and the
+calibration are inside the SavedModel, bad input is rejected, and every signature runs unchanged
+in a clean process that imports only TensorFlow."""
 import glob
 import os
 
@@ -33,16 +35,34 @@ def _test_requests(data_dir):
     return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
 
 
+# A post-training as `python -m trainer.objectives` writes it: a map per task, tuned weights.
+CLICK_KNOTS = {"method": "platt", "x": [0.0, 0.3, 0.6, 1.0], "y": [0.01, 0.2, 0.5, 0.9]}
+WATCH_KNOTS = {"method": "isotonic", "x": [0.0, 5.0, 20.0, 1e4], "y": [0.5, 4.0, 30.0, 60.0]}
+TUNED_WEIGHTS = {"click": 1.0, "long_view": 0.5, "watch_time": 0.3}
+
+
 @pytest.fixture(scope="module")
-def served(tiny_dataset, tmp_path_factory):
+def watch_time_dataset(tmp_path_factory):
+    from tests.tiny_dataset import write_tiny_dataset
+
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("watch_time_dataset")),
+                              tasks=F.WATCH_TIME_TASKS)
+
+
+@pytest.fixture(scope="module")
+def served(watch_time_dataset, tmp_path_factory):
     """(model, metadata, in-process signature functions, export dir, test requests)."""
     import tensorflow as tf
+    from trainer import post_training
 
     tf.random.set_seed(0)
-    model, metadata = _build_model(tiny_dataset)
+    model, metadata = _build_model(watch_time_dataset)
+    post_training.apply_content(model, {
+        "calibration": {"click": CLICK_KNOTS, F.WATCH_TIME: WATCH_KNOTS},
+        "fusion": {"weights": TUNED_WEIGHTS}})
     export_dir = str(tmp_path_factory.mktemp("signatures") / "1")
     fns = S.save_servable(model, metadata, export_dir)
-    return model, metadata, fns, export_dir, _test_requests(tiny_dataset)
+    return model, metadata, fns, export_dir, _test_requests(watch_time_dataset)
 
 
 def _run(fn, inputs):
@@ -100,14 +120,16 @@ def test_classify_and_regress_match_serving_default(served):
     merged = np.array([S.merge_context(context, c).SerializeToString() for c in candidates],
                       dtype=object)
     assert len(candidates) == len(examples)
-    for task in metadata.tasks:
+    assert S.classify_signature(F.WATCH_TIME) not in fns  # watch time is not a class
+    for task in S.classify_tasks(metadata.tasks):
         out = _run(fns[S.classify_signature(task)], {S.INPUTS: merged})
         assert out[S.CLASSIFY_SCORES].shape == (len(examples), 2)
         np.testing.assert_allclose(out[S.CLASSIFY_SCORES][:, 1], base[task], atol=TOL)
         np.testing.assert_allclose(out[S.CLASSIFY_SCORES].sum(axis=1), 1.0, atol=TOL)
         assert out[S.CLASSIFY_CLASSES].tolist() == [list(S.CLASS_LABELS)] * len(examples)
+    for task in metadata.tasks:
         reg = _run(fns[S.regress_signature(task)], {S.INPUTS: merged})
-        np.testing.assert_allclose(reg[S.REGRESS_OUTPUTS], base[task], atol=TOL)
+        np.testing.assert_allclose(reg[S.REGRESS_OUTPUTS], base[task], rtol=TOL, atol=TOL)
     reg = _run(fns[S.regress_signature(S.SCORE)], {S.INPUTS: merged})
     np.testing.assert_allclose(reg[S.REGRESS_OUTPUTS], base[S.SCORE], atol=TOL)
 
@@ -128,7 +150,10 @@ def test_saved_signature_defs_conform_to_tf_serving(served):
     example_inputs = {sigs[n].inputs[S.INPUTS].name for n in S.example_signature_names(
         metadata.tasks)}
     assert len(example_inputs) == 1  # MultiInference: one input tensor for every task
-    for task in metadata.tasks:
+    assert S.classify_signature(F.WATCH_TIME) not in sigs
+    assert S.regress_signature(F.WATCH_TIME) in sigs
+    assert F.WATCH_TIME in sigs[S.RANK_LISTWISE].outputs
+    for task in S.classify_tasks(metadata.tasks):
         outputs = sigs[S.classify_signature(task)].outputs
         assert set(outputs) == {S.CLASSIFY_SCORES, S.CLASSIFY_CLASSES}
         assert outputs[S.CLASSIFY_CLASSES].dtype == tf.string.as_datatype_enum
@@ -148,11 +173,11 @@ def test_saved_signature_defs_conform_to_tf_serving(served):
     assert saved_fp.graph_def_program_hash == fresh.graph_def_program_hash
 
 
-def test_item_embedding_table_is_inside_the_saved_model(served, tiny_dataset):
+def test_item_embedding_table_is_inside_the_saved_model(served, watch_time_dataset):
     import tensorflow as tf
 
     _, _, _, export_dir, _ = served
-    table = np.load(os.path.join(tiny_dataset, F.ITEM_EMBEDDINGS_FILE))
+    table = np.load(os.path.join(watch_time_dataset, F.ITEM_EMBEDDINGS_FILE))
     reader = tf.train.load_checkpoint(os.path.join(export_dir, "variables", "variables"))
     matches = [name for name, shape in reader.get_variable_to_shape_map().items()
                if tuple(shape) == table.shape and np.array_equal(reader.get_tensor(name), table)]
@@ -278,3 +303,32 @@ def test_listwise_inputs_pads_cuts_and_counts(served):
     # A request scored alone or next to another gives the same scores.
     alone = _run(fns[S.RANK_LISTWISE], S.listwise_inputs(reqs[1:], metadata))
     np.testing.assert_allclose(out[S.SCORE][1, :2], alone[S.SCORE][0], atol=TOL)
+
+
+def test_served_outputs_are_calibrated_expected_watch_time_and_tuned_score(served):
+    """The SavedModel applies the calibration maps and the tuned weights: its outputs equal the
+    uncalibrated model's heads mapped by the knots in NumPy, and its score the product form."""
+    import tensorflow as tf
+    from trainer import calibration, fusion
+
+    model, metadata, fns, _, requests = served
+    dense = S.listwise_inputs([S.request_from_example(r) for r in requests], metadata)
+    listwise = _run(fns[S.RANK_LISTWISE], dense)
+    # the heads before calibration, from the same weights
+    _, logits = model._forward(F.parse_examples(tf.constant(requests), metadata,
+                                                with_labels=False))
+    raw = model._head_outputs(logits)
+    real = np.arange(listwise[S.SCORE].shape[1])[None, :] < dense[F.NUM_CANDIDATES][:, None]
+    expected = {t: raw[t].numpy()[real] for t in metadata.tasks}
+    for task, knots in (("click", CLICK_KNOTS), (F.WATCH_TIME, WATCH_KNOTS)):
+        expected[task] = calibration.Knots.from_dict(knots)(expected[task])
+    for task in metadata.tasks:
+        np.testing.assert_allclose(listwise[task][real], expected[task], rtol=1e-5, atol=1e-6)
+    assert np.all((listwise["click"][real] >= 0.01) & (listwise["click"][real] <= 0.9))
+    # expected watch time in seconds, not a probability: beyond 1 somewhere
+    assert np.all(listwise[F.WATCH_TIME][real] >= 0.5) and np.max(
+        listwise[F.WATCH_TIME][real]) > 1.0
+    score = fusion.fused_score(expected, dict(TUNED_WEIGHTS, like=0.0))
+    np.testing.assert_allclose(listwise[S.SCORE][real], score, rtol=1e-4)
+    # the raw heads differ from the served ones: the check above could fail
+    assert np.max(np.abs(raw["click"].numpy()[real] - listwise["click"][real])) > 1e-3

@@ -9,7 +9,8 @@ knots, constant beyond the first and last. Two fits produce such knots:
   predictions sorted by value; the block centroids (mean prediction, mean label) are joined by
   straight lines. Applies to every task, watch time included (the label is then the play time);
 * Platt scaling (Platt, "Probabilistic outputs for support vector machines", 1999):
-  p' = sigmoid(a * logit(p) + b) by Newton's method on the log loss; binary tasks only.
+  p' = sigmoid(a * logit(p) + b) by Newton's method on the log loss, with a >= 0 (a head
+  ordered against its labels gets the flat map at the base rate); binary tasks only.
 
 `fit_task` fits both (binary tasks) on one half of the eval requests and measures the expected
 calibration error on the other half, both ways round, keeps the method with the lower held-out
@@ -125,6 +126,8 @@ def fit_platt(predictions, labels) -> Knots:
         a, b = a - step[0], b - step[1]
         if np.max(np.abs(step)) < 1e-10:
             break
+    if a < 0:  # a map must not reverse the head's order: the best non-decreasing one is flat
+        a, b = 0.0, float(_logit(np.array([np.mean(y)]))[0])
     x = _knot_positions(p)
     y_knots = 1.0 / (1.0 + np.exp(-(a * _logit(x) + b)))
     return Knots("platt", x, np.clip(y_knots, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR))

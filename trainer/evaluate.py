@@ -39,12 +39,13 @@ def fused_score(probabilities: Dict[str, np.ndarray], config, tasks,
                 weights: Optional[Dict[str, float]] = None) -> np.ndarray:
     """The ranking score of `trainer.config` (score_formula, score_weights) in NumPy; `weights`
     replaces the config's (e.g. the tuned weights a post-trained model ranks with)."""
-    weights = weights or config.score_weight_map(tasks)
+    weights = ({t: float(weights.get(t, 0.0)) for t in tasks} if weights
+               else config.score_weight_map(tasks))
     if config.score_formula == "sum":
         return sum(weights[t] * probabilities[t] for t in tasks)
     score = np.ones_like(probabilities[tasks[0]], dtype=np.float64)
     for t in tasks:
-        score = score * np.power(np.clip(probabilities[t], 1e-7, 1.0), weights[t])
+        score = score * np.power(np.maximum(probabilities[t], 1e-7), weights[t])
     return score
 
 
