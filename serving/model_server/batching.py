@@ -15,6 +15,12 @@ size by repeating its first row (as TF Serving does) and the padding is cut off 
 `pad_variable_length_inputs` is not supported (tasks with different inner shapes run in separate
 batches instead), and a task larger than `max_batch_size` runs alone rather than being split.
 
+`close_batches_early` (server flag --close-batches-early, not part of TF Serving's proto) runs
+a forming batch at once when no other request for the same queue is being decoded: requests
+announce themselves (`arrival`) when they start decoding, so under load batches still fill,
+while a lone request no longer waits out batch_timeout_micros for peers that are not coming.
+Stock TF Serving always waits the timeout; that is the default here too.
+
 Requests are validated against the signature before they join a queue (serving.model_server.
 server), and a merged batch that still fails (e.g. one request's tf.Example misses a feature
 the model parses) is split in halves and re-run until the failing requests are alone, so one bad
@@ -24,6 +30,7 @@ of rows; beyond that a request is refused at once with UNAVAILABLE, as TF Servin
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -85,8 +92,10 @@ class BatchingOptions:
     def __init__(self, max_batch_size=DEFAULT_MAX_BATCH_SIZE,
                  batch_timeout_micros=DEFAULT_BATCH_TIMEOUT_MICROS,
                  max_enqueued_batches=DEFAULT_MAX_ENQUEUED_BATCHES,
-                 num_batch_threads=DEFAULT_NUM_BATCH_THREADS, allowed_batch_sizes=()):
+                 num_batch_threads=DEFAULT_NUM_BATCH_THREADS, allowed_batch_sizes=(),
+                 close_batches_early=False):
         self.max_batch_size = int(max_batch_size)
+        self.close_batches_early = bool(close_batches_early)
         self.batch_timeout_micros = int(batch_timeout_micros)
         self.max_enqueued_batches = int(max_enqueued_batches)
         self.num_batch_threads = int(num_batch_threads)
@@ -102,7 +111,7 @@ class BatchingOptions:
                              f"max_batch_size={self.max_batch_size}; got {sizes}")
 
     @classmethod
-    def from_proto(cls, p) -> "BatchingOptions":
+    def from_proto(cls, p, close_batches_early=False) -> "BatchingOptions":
         if p.pad_variable_length_inputs:
             log.warning("pad_variable_length_inputs is not supported: requests whose inner "
                         "shapes differ run in separate batches")
@@ -115,13 +124,14 @@ class BatchingOptions:
             if p.HasField("max_enqueued_batches") else DEFAULT_MAX_ENQUEUED_BATCHES,
             num_batch_threads=p.num_batch_threads.value if p.HasField("num_batch_threads")
             else DEFAULT_NUM_BATCH_THREADS,
-            allowed_batch_sizes=list(p.allowed_batch_sizes))
+            allowed_batch_sizes=list(p.allowed_batch_sizes),
+            close_batches_early=close_batches_early)
 
     def __repr__(self):
         return (f"BatchingOptions(max_batch_size={self.max_batch_size}, batch_timeout_micros="
                 f"{self.batch_timeout_micros}, max_enqueued_batches={self.max_enqueued_batches},"
                 f" num_batch_threads={self.num_batch_threads}, allowed_batch_sizes="
-                f"{self.allowed_batch_sizes})")
+                f"{self.allowed_batch_sizes}, close_batches_early={self.close_batches_early})")
 
 
 def parse_batching_parameters(text: str):
@@ -136,15 +146,15 @@ def parse_batching_parameters(text: str):
     return message
 
 
-def load_batching_options(path: Optional[str]) -> BatchingOptions:
+def load_batching_options(path: Optional[str], close_batches_early=False) -> BatchingOptions:
     if not path:
-        return BatchingOptions()
+        return BatchingOptions(close_batches_early=close_batches_early)
     import tensorflow as tf
 
     with tf.io.gfile.GFile(path) as f:
         text = f.read()
     try:
-        return BatchingOptions.from_proto(parse_batching_parameters(text))
+        return BatchingOptions.from_proto(parse_batching_parameters(text), close_batches_early)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
@@ -179,6 +189,8 @@ class Batcher:
         self.name = name
         self._queue: "collections.deque[_Task]" = collections.deque()
         self._queued_rows = 0
+        self._arriving = 0  # requests between `arrival()` and `submit()` (decoding inputs)
+        self._arrival_of_thread = threading.local()
         self._cv = threading.Condition()
         self._closed = False
         # One batch is open (being filled) at a time, as in TF Serving's batch scheduler;
@@ -188,12 +200,32 @@ class Batcher:
         self.tasks_run = 0
         self.batches_split = 0
         self.tasks_refused = 0
+        self.rows_run = 0  # rows of the merged batches, padding included
+        self.rows_padded = 0
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(options.num_batch_threads)]
         for t in self._threads:
             t.start()
 
     # ---- client side ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def arrival(self):
+        """Announces a request that will `submit` from this thread (it is decoding its inputs).
+        With `close_batches_early`, a forming batch waits for its peers only while some are
+        announced: when nobody could join, it runs at once instead of waiting out
+        batch_timeout_micros (a lone request pays no batching delay)."""
+        with self._cv:
+            self._arriving += 1
+        self._arrival_of_thread.open = True
+        try:
+            yield
+        finally:
+            if getattr(self._arrival_of_thread, "open", False):
+                self._arrival_of_thread.open = False
+                with self._cv:
+                    self._arriving -= 1
+                    self._cv.notify_all()
+
     def submit(self, inputs: Dict[str, np.ndarray]) -> Future:
         rows = {int(v.shape[0]) if v.ndim else -1 for v in inputs.values()}
         if len(rows) != 1 or -1 in rows:
@@ -218,7 +250,10 @@ class Batcher:
                     f"{self.options.max_enqueued_batches} x max_batch_size={size}); retry later")
             self._queue.append(task)
             self._queued_rows += cost
-            self._cv.notify()
+            if getattr(self._arrival_of_thread, "open", False):
+                self._arrival_of_thread.open = False
+                self._arriving -= 1
+            self._cv.notify_all()
         return task.future
 
     def __call__(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -232,6 +267,12 @@ class Batcher:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        if self.batches_run:
+            log.info("%s: %d requests in %d batches (%.1f per batch), %d of %d rows padding, "
+                     "%d batches split after a failure, %d requests refused (queue full)",
+                     self.name, self.tasks_run, self.batches_run,
+                     self.tasks_run / self.batches_run, self.rows_padded, self.rows_run,
+                     self.batches_split, self.tasks_refused)
 
     # ---- batch threads --------------------------------------------------------------------
     def _take_batch(self) -> Optional[List[_Task]]:
@@ -267,6 +308,8 @@ class Batcher:
                 remaining = deadline - time.monotonic()
                 if rows >= self.options.max_batch_size or remaining <= 0 or self._closed:
                     return batch
+                if self.options.close_batches_early and not self._arriving:
+                    return batch  # nobody is on the way to join this batch
                 self._cv.wait(remaining)
 
     def _loop(self) -> None:
@@ -305,7 +348,7 @@ class Batcher:
         """Runs the tasks as one merged call; the outputs of each task, in order."""
         if len(batch) == 1 and (batch[0].rows is None or not self.options.allowed_batch_sizes):
             outputs = self._run(batch[0].inputs)
-            self._count(1)
+            self._count(1, batch[0].rows or 0, 0)
             return [outputs]
         sizes = [t.rows for t in batch]
         total = sum(sizes)
@@ -319,7 +362,7 @@ class Batcher:
                 parts.append(np.repeat(parts[0][:1], padded - total, axis=0))
             merged[name] = np.concatenate(parts, axis=0)
         outputs = self._run(merged)
-        self._count(len(batch))
+        self._count(len(batch), padded, padded - total)
         bad = [k for k, v in outputs.items() if np.ndim(v) == 0 or v.shape[0] != padded]
         if bad:
             raise errors.internal(
@@ -331,7 +374,9 @@ class Batcher:
             start += size
         return results
 
-    def _count(self, tasks: int) -> None:
+    def _count(self, tasks: int, rows: int, padding: int) -> None:
         with self._cv:
             self.batches_run += 1
             self.tasks_run += tasks
+            self.rows_run += rows
+            self.rows_padded += padding

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batching-parameters-file",
                    help="BatchingParameters text file (max_batch_size, batch_timeout_micros, "
                         "max_enqueued_batches, num_batch_threads, allowed_batch_sizes)")
+    g.add_argument("--close-batches-early", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="run a forming batch at once when no other request for its signature "
+                        "is being decoded (nobody could join it) instead of waiting out "
+                        "batch_timeout_micros; stock TF Serving always waits")
     g = p.add_argument_group("network and limits")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=P.DEFAULT_GRPC_PORT,

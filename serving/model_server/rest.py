@@ -559,6 +559,7 @@ class RestServer(ThreadingHTTPServer):
     idle keep-alive connections are left)."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: bursts of new connections wait, not fail
 
     def __init__(self, address: Tuple[str, int], rest: RestApi, max_connections: int,
                  max_body_bytes: int):

@@ -56,6 +56,9 @@ DECODED_BYTES_PER_MESSAGE_BYTE = 2
 # What one decoded string element costs beyond its bytes (NumPy reference + TF string header).
 STRING_ELEMENT_OVERHEAD_BYTES = 32
 
+# NumPy kinds whose TensorProto values can be one raw little-endian buffer (tensor_content):
+# booleans, integers, floats and complex numbers.
+_BUFFER_KINDS = frozenset("biufc")
 # TensorProto field holding the values of each dtype (by TensorFlow dtype name) and how many
 # field entries make one element.
 _VALUE_FIELDS = {
@@ -73,16 +76,16 @@ class DeclaredTensor:
     values it actually carries, before anything is allocated."""
 
     def __init__(self, name: str, proto, spec):
-        import tensorflow as tf
-
-        self.name, self.proto = name, proto
+        self.name, self.proto, self.spec = name, proto, spec
         if proto.dtype != spec.dtype_enum:
+            import tensorflow as tf
+
             got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "DT_INVALID"
             raise errors.invalid_argument(
                 f"input '{name}' has dtype {got}, expected {spec.describe()}")
         if proto.tensor_shape.unknown_rank:
             raise errors.invalid_argument(f"input '{name}' has no shape (unknown rank)")
-        self.shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+        self.shape = tuple(d.size for d in proto.tensor_shape.dim)
         if any(d < 0 for d in self.shape):
             raise errors.invalid_argument(
                 f"input '{name}' declares a negative dimension: {list(self.shape)}")
@@ -93,11 +96,12 @@ class DeclaredTensor:
                 raise errors.invalid_argument(
                     f"input '{name}' has shape {list(self.shape)}, expected {spec.describe()}")
         self.elements = math.prod(self.shape)  # Python int: no overflow on hostile shapes
-        dtype_name = tf.dtypes.as_dtype(proto.dtype).name
+        dtype_name = spec.dtype_name
         if dtype_name not in _VALUE_FIELDS:
             raise errors.invalid_argument(
                 f"input '{name}': dtype {dtype_name} cannot be sent in a request")
         field, per_element = _VALUE_FIELDS[dtype_name]
+        self.content = b""
         if dtype_name == "string":
             values = proto.string_val
             present = len(values)
@@ -107,14 +111,15 @@ class DeclaredTensor:
                           + self.elements * STRING_ELEMENT_OVERHEAD_BYTES)
             self.broadcast_bytes = missing * (last + STRING_ELEMENT_OVERHEAD_BYTES)
         else:
-            itemsize = np.dtype(tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype).itemsize
+            itemsize = spec.np_dtype.itemsize
             self.bytes = self.elements * itemsize
-            if proto.tensor_content:
-                if len(proto.tensor_content) != self.bytes:
+            self.content = proto.tensor_content
+            if self.content:
+                if len(self.content) != self.bytes:
                     raise errors.invalid_argument(
                         f"input '{name}' declares shape {list(self.shape)} ({self.bytes} bytes "
                         f"of {dtype_name}) but its tensor_content has "
-                        f"{len(proto.tensor_content)} bytes")
+                        f"{len(self.content)} bytes")
                 present = self.elements
             else:
                 entries = len(getattr(proto, field))
@@ -131,6 +136,10 @@ class DeclaredTensor:
                 f"({self.elements} elements)")
 
     def decode(self) -> np.ndarray:
+        if self.content and self.spec.np_dtype.kind in _BUFFER_KINDS:
+            # What tf.make_ndarray does, without its copy: a read-only view of the message's
+            # bytes (TensorFlow copies it into its own tensor when the signature runs).
+            return np.frombuffer(self.content, dtype=self.spec.np_dtype).reshape(self.shape)
         import tensorflow as tf
 
         try:
@@ -149,10 +158,43 @@ def tensor_from_proto(name: str, proto, spec) -> np.ndarray:
     return DeclaredTensor(name, proto, spec).decode()
 
 
-def tensor_to_proto(array: np.ndarray):
-    import tensorflow as tf
+# Typed TensorProto field of each NumPy dtype in a response (TF Serving's AsProtoField), and the
+# NumPy view its values are written through.
+_RESPONSE_FIELDS = {
+    np.dtype(np.float32): ("float_val", None), np.dtype(np.float64): ("double_val", None),
+    np.dtype(np.int64): ("int64_val", None), np.dtype(np.int32): ("int_val", None),
+    np.dtype(np.int16): ("int_val", None), np.dtype(np.int8): ("int_val", None),
+    np.dtype(np.uint8): ("int_val", None), np.dtype(np.uint16): ("int_val", None),
+    np.dtype(np.uint32): ("uint32_val", None), np.dtype(np.uint64): ("uint64_val", None),
+    np.dtype(np.bool_): ("bool_val", None), np.dtype(np.float16): ("half_val", np.uint16),
+    np.dtype(np.complex64): ("scomplex_val", np.float32),
+    np.dtype(np.complex128): ("dcomplex_val", np.float64),
+}
+_DTYPE_ENUMS: Dict[np.dtype, int] = {}  # NumPy dtype -> tensorflow.DataType, filled on use
 
-    return tf.make_tensor_proto(array)
+
+def tensor_to_proto(array: np.ndarray):
+    """NumPy -> TensorProto with the values in the typed fields (float_val, int64_val, ...),
+    as TF Serving writes responses (clients read `outputs[k].float_val`), without
+    tf.make_tensor_proto's per-call overhead. Strings and other dtypes go through it."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    field = _RESPONSE_FIELDS.get(array.dtype)  # native byte order only
+    if field is None:
+        import tensorflow as tf
+
+        return tf.make_tensor_proto(array)
+    enum = _DTYPE_ENUMS.get(array.dtype)
+    if enum is None:
+        import tensorflow as tf
+
+        enum = _DTYPE_ENUMS[array.dtype] = tf.dtypes.as_dtype(array.dtype).as_datatype_enum
+    name, view = field
+    flat = np.ascontiguousarray(array).reshape(-1)
+    proto = tensor_pb2.TensorProto(dtype=enum, tensor_shape=tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]))
+    getattr(proto, name).extend((flat if view is None else flat.view(view)).tolist())
+    return proto
 
 
 class ServerOptions:
@@ -275,17 +317,19 @@ class Inference:
             raise errors.invalid_argument(
                 f"output_filter names {unknown}, which signature '{sig.name}' does not output; "
                 f"outputs: {sig.output_keys}")
-        declared = [DeclaredTensor(k, request.inputs[k], sig.inputs[k]) for k in sig.inputs]
-        self._check_declared_size(declared)
-        arrays = {t.name: t.decode() for t in declared}
-        if self.options.reject_non_finite_inputs:
-            for k, a in arrays.items():
-                if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
-                    bad = int(np.size(a) - np.isfinite(a).sum())
-                    raise errors.invalid_argument(
-                        f"input '{k}' contains {bad} NaN/Inf values; the server rejects "
-                        "non-finite inputs (--allow-non-finite-inputs to pass them through)")
-        outputs = sig.run(arrays, batch=batch)
+        with sig.arrival(batch):  # a batch being formed may wait for this request
+            declared = [DeclaredTensor(k, request.inputs[k], sig.inputs[k]) for k in sig.inputs]
+            self._check_declared_size(declared)
+            arrays = {t.name: t.decode() for t in declared}
+            if self.options.reject_non_finite_inputs:
+                for k, a in arrays.items():
+                    if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+                        bad = int(np.size(a) - np.isfinite(a).sum())
+                        raise errors.invalid_argument(
+                            f"input '{k}' contains {bad} NaN/Inf values; the server rejects "
+                            "non-finite inputs (--allow-non-finite-inputs to pass them "
+                            "through)")
+            outputs = sig.run(arrays, batch=batch)
         self._check_finite_outputs(sig, outputs, wanted or sig.output_keys)
         response = predict_pb2.PredictResponse()
         self._fill_spec(response.model_spec, servable, sig.name)
@@ -400,7 +444,9 @@ class Inference:
         from tensorflow_serving.apis import classification_pb2
 
         sig = servable.signature(request.model_spec.signature_name)
-        outputs, n = self._run_examples(sig, self._serialized_examples(request.input), batch)
+        with sig.arrival(batch):
+            outputs, n = self._run_examples(sig, self._serialized_examples(request.input),
+                                            batch)
         response = classification_pb2.ClassificationResponse()
         self._fill_spec(response.model_spec, servable, sig.name)
         response.result.CopyFrom(self._classification(sig, outputs, n))
@@ -410,7 +456,9 @@ class Inference:
         from tensorflow_serving.apis import regression_pb2
 
         sig = servable.signature(request.model_spec.signature_name)
-        outputs, n = self._run_examples(sig, self._serialized_examples(request.input), batch)
+        with sig.arrival(batch):
+            outputs, n = self._run_examples(sig, self._serialized_examples(request.input),
+                                            batch)
         response = regression_pb2.RegressionResponse()
         self._fill_spec(response.model_spec, servable, sig.name)
         response.result.CopyFrom(self._regression(sig, outputs, n))
@@ -960,7 +1008,8 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         configs = model_configs_from_args(args)
-        batching = load_batching_options(args.batching_parameters_file) \
+        batching = load_batching_options(args.batching_parameters_file,
+                                         close_batches_early=args.close_batches_early) \
             if args.enable_batching else None
         options = options_from_args(args, configs, batching)
     except (ValueError, OSError) as exc:
