@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, inference_pb2, input_pb2,
@@ -102,6 +101,17 @@ def test_predict_latest_version_with_output_filter(stub):
     request = predict_request(MODEL, x, [1, 2, 3, 4, 5])
     request.output_filter.append("ids_times_two")
     assert set(stub.Predict(request, timeout=30).outputs) == {"ids_times_two"}
+
+
+def test_response_values_are_in_typed_fields_as_tf_serving_writes_them(stub):
+    # TF Serving answers with AsProtoField: clients read outputs[k].float_val / int64_val.
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    response = stub.Predict(predict_request(MODEL, x, [5, 6]), timeout=30)
+    y, doubled = response.outputs["y"], response.outputs["ids_times_two"]
+    assert not y.tensor_content and not doubled.tensor_content
+    np.testing.assert_allclose(list(y.float_val), x @ WEIGHTS, rtol=1e-6)
+    assert list(doubled.int64_val) == [10, 12]
+    assert [d.size for d in y.tensor_shape.dim] == [2]
 
 
 def test_warmup_requests_ran_before_serving(base_path):
@@ -389,7 +399,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path, base_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.model_server", "--model-base-path", base_path,
          "--model-name", MODEL, "--port", "0", "--file-system-poll-wait-seconds", "0",
-         "--no-enable-batching", "--drain-seconds", "60"],
+         "--no-enable-batching", "--drain-seconds", "60", "--rest-api-port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""

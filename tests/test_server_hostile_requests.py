@@ -33,6 +33,8 @@ def start_server_process(args, timeout=120):
 
     Its stderr is read continuously into `process.stderr_lines` (a full pipe would block the
     server's logging); `stderr_text(process)` joins it."""
+    if "--rest-api-port" not in args:  # the default 8501 may be taken on a shared machine
+        args = [*args, "--rest-api-port", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "serving.model_server", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stderr_lines = []

@@ -158,3 +158,79 @@ def test_broken_new_version_never_replaces_a_working_one(tmp_path, exports):
     finally:
         ch.close()
         srv.stop(1)
+
+
+def test_partial_version_is_retried_as_its_files_arrive_while_load_never_fails(tmp_path,
+                                                                               exports):
+    """A version copied file by file (no atomic rename): the server sees saved_model.pb before
+    the variables, then a truncated variables file. Each attempt fails while version 1 keeps
+    serving every request; once the last file is complete the version is loaded and served."""
+    base = str(tmp_path / MODEL)
+    os.makedirs(base)
+    install(exports, base, 1)
+    srv, ch, stub, model_stub = start(base)
+    stop = threading.Event()
+    seen_versions, failures, answered = [], [], [0]
+    lock = threading.Lock()
+    x = np.ones((1, 4), np.float32)
+
+    def client(worker):
+        for i in range(2000):  # bounded per worker
+            if stop.is_set():
+                return
+            try:
+                out = stub.Predict(predict_request(MODEL, x, [worker]), timeout=30).outputs
+                with lock:
+                    seen_versions.append(float(tf.make_ndarray(out["version"])[0]))
+                    answered[0] += 1
+            except Exception as exc:  # any failure is recorded and fails the test
+                with lock:
+                    failures.append(repr(exc))
+            time.sleep(0.005)
+
+    source, target = exports[2], os.path.join(base, "2")
+    data_file = os.path.join("variables", "variables.data-00000-of-00001")
+
+    def failed_attempts():
+        st = status(model_stub).get(2)
+        return st.status.error_message if st is not None and st.state == State.END else None
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            workers = [pool.submit(client, w) for w in range(4)]
+            assert wait_for(lambda: answered[0] >= 20)
+            os.makedirs(target)
+            for name in os.listdir(source):
+                if name != "variables":
+                    src = os.path.join(source, name)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(
+                        src, os.path.join(target, name))
+            assert wait_for(lambda: failed_attempts() is not None), status(model_stub)
+            first_error = failed_attempts()
+            os.makedirs(os.path.join(target, "variables"))
+            shutil.copy2(os.path.join(source, "variables", "variables.index"),
+                         os.path.join(target, "variables"))
+            with open(os.path.join(source, data_file), "rb") as f:
+                data = f.read()
+            with open(os.path.join(target, data_file), "wb") as f:
+                f.write(data[: len(data) // 2])  # the copy is still under way
+            assert wait_for(lambda: failed_attempts() not in (None, first_error)), \
+                "the changed files were not retried"
+            print(f"partial copy failed with {first_error[-100:]!r}, then with "
+                  f"{failed_attempts()[-100:]!r}")
+            time.sleep(0.5)  # several polls on the incomplete version
+            assert srv.manager.loaded_versions(MODEL) == [1]
+            with open(os.path.join(target, data_file), "wb") as f:
+                f.write(data)
+            assert wait_for(lambda: seen_versions[-3:] == [2.0] * 3), "version 2 never served"
+            stop.set()
+            for w in workers:
+                w.result(timeout=60)
+        assert not failures, failures[:3]
+        assert seen_versions.index(2.0) > 20 and 1.0 not in seen_versions[
+            seen_versions.index(2.0):]
+        assert status(model_stub)[2].state == State.AVAILABLE
+    finally:
+        stop.set()
+        ch.close()
+        srv.stop(1)
