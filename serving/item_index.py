@@ -46,7 +46,7 @@ class IndexConfig:
     min_leaves_to_search: int = 16
     ah_dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
-    reorder: int = 1000  # candidates re-scored exactly after the quantized search
+    reorder: int = 3000  # candidates re-scored exactly after the quantized search
     training_sample_size: int = 100_000
     search_threads: int = 1
 

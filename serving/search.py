@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -172,6 +173,8 @@ class Searcher:
         self.metadata = store.metadata()
         self._item_embeddings = store.item_embeddings() if hasattr(store, "item_embeddings") \
             else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(len(SOURCES),
+                                                           thread_name_prefix="retrieve")
 
     @classmethod
     def from_paths(cls, data_dir: str, base_path: str, stub, version: Optional[int] = None,
@@ -251,35 +254,57 @@ class Searcher:
 
         lists: Dict[str, List[int]] = {}
         hits: Dict[str, Dict[int, SourceHit]] = {}
-        seeds: Dict[int, List[Seed]] = {}
-        if personalized and self.qrcf is not None:
-            result = self.qrcf.retrieve(user_id, q_emb, now_ms)
-            lists[QRCF] = result.item_indices[:cfg.per_source]
-            hits[QRCF] = {it.item_index: SourceHit(r, it.score)
-                          for r, it in enumerate(result.items[:cfg.per_source])}
-            for it in result.items[:cfg.per_source]:
-                seeds[it.item_index] = [self._seed(c, now_ms) for c in it.seeds[:cfg.max_seeds]]
-            if result.reason:
-                notes.append(f"qrcf found nothing: {result.explanation}")
-            counts["qrcf_seeds"] = len(result.seeds)
-            t = lap("retrieve_qrcf", t)
-        if personalized and self.pdr is not None:
+        qrcf_items: Dict[int, Any] = {}
+
+        def timed(name, fn):
+            since = time.perf_counter()
+            out = fn()
+            timings[name] = round((time.perf_counter() - since) * 1000, 3)
+            return out
+
+        def run_qrcf():
+            return self.qrcf.retrieve(user_id, q_emb, now_ms)
+
+        def run_pdr():
             inputs = S.listwise_inputs([dict(request, **{F.CANDIDATE_ITEM: [],
                                                          F.CANDIDATE_AUTHOR: [],
                                                          F.CANDIDATE_CATEGORY: []})], md)
-            items, scores = self.pdr.retrieve(inputs, cfg.per_source)
+            return self.pdr.retrieve(inputs, cfg.per_source)
+
+        def run_content():
+            return C.retrieve(self.store, q_emb, cfg.per_source)
+
+        # The sources are independent: they run concurrently (SQLite, NumPy, TensorFlow and
+        # ScaNN release the GIL), so retrieval costs about its slowest source.
+        jobs = {CONTENT: ("retrieve_content", run_content)}
+        if personalized and self.qrcf is not None:
+            jobs[QRCF] = ("retrieve_qrcf", run_qrcf)
+        if personalized and self.pdr is not None:
+            jobs[PDR] = ("retrieve_pdr", run_pdr)
+        futures = {source: self._pool.submit(timed, *job) for source, job in jobs.items()}
+        answers = {source: future.result() for source, future in futures.items()}
+        if QRCF in answers:
+            result = answers[QRCF]
+            lists[QRCF] = result.item_indices[:cfg.per_source]
+            hits[QRCF] = {it.item_index: SourceHit(r, it.score)
+                          for r, it in enumerate(result.items[:cfg.per_source])}
+            qrcf_items = {it.item_index: it for it in result.items[:cfg.per_source]}
+            if result.reason:
+                notes.append(f"qrcf found nothing: {result.explanation}")
+            counts["qrcf_seeds"] = len(result.seeds)
+        if PDR in answers:
+            items, scores = answers[PDR]
             lists[PDR] = [int(i) for i in items]
             hits[PDR] = {int(i): SourceHit(r, float(s))
                          for r, (i, s) in enumerate(zip(items, scores))}
-            t = lap("retrieve_pdr", t)
-        content = C.retrieve(self.store, q_emb, cfg.per_source)
+        content = answers[CONTENT]
         with_embedding = self._has_embedding(content["item_index"])
         counts["content_without_embedding"] = int((~with_embedding).sum())
         lists[CONTENT] = [int(i) for i in np.asarray(content["item_index"])[with_embedding]]
         hits[CONTENT] = {int(i): SourceHit(r, float(s)) for r, (i, s) in enumerate(
             zip(np.asarray(content["item_index"])[with_embedding],
                 np.asarray(content["cosine"])[with_embedding]))}
-        t = lap("retrieve_content", t)
+        t = lap("retrieve", t)
         for source, items in lists.items():
             counts[f"retrieved_{source}"] = len(items)
 
@@ -321,7 +346,10 @@ class Searcher:
         n = len(indices)
         score = out[S.SCORE][0, :n]
         ranked = []
-        for c in np.argsort(-score, kind="stable")[:k]:
+        top = np.argsort(-score, kind="stable")[:k]
+        seeds = self._seeds([qrcf_items[int(indices[c])] for c in top
+                             if int(indices[c]) in qrcf_items], now_ms)
+        for c in top:
             item = int(indices[c])
             sources = {s: hits[s][item] for s in SOURCES if s in hits and item in hits[s]}
             ranked.append(SearchItem(
@@ -333,12 +361,16 @@ class Searcher:
         return SearchResult(user_id, query, now_ms, personalized, ranked, notes, counts, timings,
                             int(response.model_spec.version.value))
 
-    def _seed(self, contribution, now_ms: int) -> Seed:
-        seed = contribution.seed
-        raw = self.store.items([seed.item_index])["item_id"][0]
-        return Seed(item_id=str(raw), seconds_before=None if seed.timestamp_ms is None
-                    else (now_ms - seed.timestamp_ms) / 1000.0,
-                    relevance=seed.relevance, contribution=contribution.contribution)
+    def _seeds(self, retrieved, now_ms: int) -> Dict[int, List[Seed]]:
+        """The strongest `max_seeds` seed behaviours of each QRCF item (one store lookup)."""
+        chosen = {it.item_index: it.seeds[:self.config.max_seeds] for it in retrieved}
+        wanted = sorted({c.seed.item_index for cs in chosen.values() for c in cs})
+        raw = dict(zip(wanted, self.store.items(wanted)["item_id"])) if wanted else {}
+        return {item: [Seed(item_id=str(raw[c.seed.item_index]),
+                            seconds_before=None if c.seed.timestamp_ms is None
+                            else (now_ms - c.seed.timestamp_ms) / 1000.0,
+                            relevance=c.seed.relevance, contribution=c.contribution)
+                       for c in cs] for item, cs in chosen.items()}
 
     def _drivers(self, out, c, long_history, now_ms) -> List[C.Driver]:
         drivers = []

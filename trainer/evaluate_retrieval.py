@@ -110,8 +110,6 @@ def qrcf_lists(retriever, requests, max_results: int):
 
 
 def run(args) -> Dict[str, Dict[str, float]]:
-    import tensorflow as tf  # noqa: F401
-
     from common import features as F
     from common.feature_store import FEATURE_STORE_FILE, SqliteFeatureStore
     from common.item_to_item import read_item_to_item

@@ -70,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def request_vectors(model, dataset, max_batches: Optional[int] = None) -> Dict[str, object]:
-    """Query vectors and clicked items of every request of a parsed-feature dataset:
-    {"vectors" [R, d], "clicked": list of item-index arrays, "request_id", "user_id",
-    "request_time", "query_embedding" [R, D]}."""
+def request_vectors(model, dataset, max_batches: Optional[int] = None,
+                    positive_task: str = "click") -> Dict[str, object]:
+    """Query vectors and positive items (label of `positive_task`: clicked, long-viewed,
+    liked) of every request of a parsed-feature dataset: {"vectors" [R, d], "clicked": list
+    of item-index arrays, "request_id", "user_id", "request_time", "query_embedding" [R, D]}."""
     import numpy as np
 
     from common import features as F
@@ -85,7 +86,7 @@ def request_vectors(model, dataset, max_batches: Optional[int] = None) -> Dict[s
             break
         out["vectors"].append(model(batch).numpy())
         items = batch[F.CANDIDATE_ITEM].numpy()
-        labels = batch[F.label_feature("click")].numpy()
+        labels = batch[F.label_feature(positive_task)].numpy()
         count = batch[F.NUM_CANDIDATES].numpy()
         for r in range(items.shape[0]):
             c = int(count[r])
@@ -105,11 +106,13 @@ def request_vectors(model, dataset, max_batches: Optional[int] = None) -> Dict[s
             if out["query_embedding"] else np.zeros((0, 0), np.float32)}
 
 
-def corpus_recall(model, dataset, ks=(50, 100, 200, 500), max_batches=None) -> Dict[str, float]:
-    """Recall@K of the clicked items when each request retrieves from the whole corpus."""
+def corpus_recall(model, dataset, ks=(50, 100, 200, 500), max_batches=None,
+                  positive_task: str = "click") -> Dict[str, float]:
+    """Recall@K of the positive items (clicked by default) when each request retrieves from
+    the whole corpus."""
     from trainer import retrieval_metrics as RM
 
-    requests = request_vectors(model, dataset, max_batches)
+    requests = request_vectors(model, dataset, max_batches, positive_task)
     corpus = model.corpus_vectors()
     if not len(requests["clicked"]):
         return {f"recall@{k}": float("nan") for k in ks}
