@@ -11,6 +11,8 @@ One request = 1 user x 100 candidates x 1000 long-term behaviours (+ 50 real-tim
   PredictionServiceStub, batching with the shipped serving/configs/batching_parameters.txt),
   `grpc-early` (the same with --close-batches-early), `grpc-no-batching` and `rest` (the JSON
   REST API of the no-batching server, columnar format, one keep-alive connection per thread);
+  `grpc-health` (a grpc.health.v1 Check on the no-batching server: the cost of one gRPC round
+  trip between the two processes, whatever the model);
 * signature: `rank_listwise` (Predict with dense tensors, request-side work once) vs
   `regress_score` (Regress with an ExampleListWithContext: the query and history once as the
   context, the 100 candidates as tf.Examples that the model parses and scores one by one);
@@ -44,7 +46,7 @@ from common import features as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_BATCHING = os.path.join(ROOT, "serving", "configs", "batching_parameters.txt")
 PATHS = ("inprocess", "inprocess-flat", "grpc-batching", "grpc-early", "grpc-no-batching",
-         "rest")
+         "rest", "grpc-health")
 BASELINES = ("inprocess", "inprocess-flat")
 
 
@@ -106,10 +108,11 @@ def requests_for(md, serialized):
 
 def measure(call, concurrency: int, requests: int, max_seconds: float):
     """Runs `call` from `concurrency` threads until `requests` calls or `max_seconds`:
-    (latencies in seconds, wall time in seconds)."""
+    (latencies in seconds of the answered calls, wall time in seconds, calls refused with
+    UNAVAILABLE)."""
     latencies, lock = [], threading.Lock()
     deadline = time.perf_counter() + max_seconds
-    issued = [0]
+    issued, refused = [0], [0]
 
     def worker():
         while True:
@@ -118,7 +121,15 @@ def measure(call, concurrency: int, requests: int, max_seconds: float):
                     return
                 issued[0] += 1
             started = time.perf_counter()
-            call()
+            try:
+                call()
+            except Exception as exc:  # a full batching queue refuses at once, by design
+                if getattr(exc, "code", lambda: None)() is None or \
+                        exc.code().name != "UNAVAILABLE":
+                    raise
+                with lock:
+                    refused[0] += 1
+                continue
             elapsed = time.perf_counter() - started
             with lock:
                 latencies.append(elapsed)
@@ -127,14 +138,14 @@ def measure(call, concurrency: int, requests: int, max_seconds: float):
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
-    return latencies, time.perf_counter() - started
+    return latencies, time.perf_counter() - started, refused[0]
 
 
-def summarize(latencies, wall: float) -> dict:
-    ms = np.asarray(latencies) * 1000
-    return {"requests": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "qps": len(ms) / wall}
+def summarize(latencies, wall: float, refused: int = 0) -> dict:
+    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return {"requests": len(latencies), "refused": refused,
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "qps": len(latencies) / wall}
 
 
 def free_port() -> int:
@@ -224,6 +235,7 @@ def main(argv=None):
 
     import grpc
     import tensorflow as tf
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -241,9 +253,9 @@ def main(argv=None):
                                  "regress_score": inprocess_call(
                                      loaded.signatures["regress_score"], {"inputs": merged}, path)}
                     continue
-                if path == "rest":
+                if path in ("rest", "grpc-health"):
                     if "grpc-no-batching" not in paths:
-                        p.error("the rest path uses the grpc-no-batching server; list both")
+                        p.error(f"the {path} path uses the grpc-no-batching server; list both")
                     continue
                 batching = None if path == "grpc-no-batching" else args.batching_parameters_file
                 extra = ["--close-batches-early"] if path == "grpc-early" else []
@@ -256,6 +268,12 @@ def main(argv=None):
                 stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
                 fns[path] = {"rank_listwise": lambda s=stub: s.Predict(listwise, timeout=120),
                              "regress_score": lambda s=stub: s.Regress(regress, timeout=120)}
+                if path == "grpc-no-batching" and "grpc-health" in paths:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    check = health_pb2.HealthCheckRequest()
+                    fns["grpc-health"] = dict.fromkeys(
+                        ("rank_listwise", "regress_score"),
+                        lambda h=health: h.Check(check, timeout=60))
                 if rest_port:
                     body = json.dumps({"signature_name": "rank_listwise",
                                        "inputs": {k: v.tolist() for k, v in dense.items()}})
@@ -266,21 +284,23 @@ def main(argv=None):
                 for path in runnable:
                     fns[path][signature]()  # warm
                 for c in concurrency:
-                    collected = {path: ([], 0.0) for path in runnable}
+                    collected = {path: ([], 0.0, 0) for path in runnable}
                     for r in range(args.rounds):
                         for path in runnable[r % len(runnable):] + runnable[:r % len(runnable)]:
-                            latencies, wall = measure(
+                            latencies, wall, refused = measure(
                                 fns[path][signature], c, -(-args.requests // args.rounds),
                                 args.max_seconds / args.rounds)
                             before = collected[path]
-                            collected[path] = (before[0] + latencies, before[1] + wall)
+                            collected[path] = (before[0] + latencies, before[1] + wall,
+                                               before[2] + refused)
                     for path in runnable:
                         r = summarize(*collected[path])
                         r.update(path=path, signature=signature, concurrency=c)
                         results.append(r)
                         print(f"{path:<17} {signature:<14} c={c:<3} n={r['requests']:<4} "
                               f"p50={r['p50_ms']:8.1f} p95={r['p95_ms']:8.1f} "
-                              f"p99={r['p99_ms']:8.1f} ms  qps={r['qps']:7.1f}", flush=True)
+                              f"p99={r['p99_ms']:8.1f} ms  qps={r['qps']:7.1f}"
+                              + (f"  refused={r['refused']}" if r["refused"] else ""), flush=True)
         finally:
             for channel in channels:
                 channel.close()
