@@ -3,17 +3,12 @@ MultiWorkerMirroredStrategy as two local processes with TF_CONFIG on 127.0.0.1 f
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
+from tests.helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _base(tiny_dataset, model_dir, model, *extra):
@@ -39,7 +34,7 @@ def test_mirrored_two_cpu_replicas(tiny_dataset, tmp_path):
 
 
 def test_multi_worker_two_local_processes(tiny_dataset, tmp_path):
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes, logs = [], []
     for index in range(2):

@@ -21,16 +21,10 @@ from common import features as F
 from serving import export as E
 from serving import signatures as S
 from serving import warmup as W
+from tests.helpers import REPO, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 WARMUP_REQUESTS = 3
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO
-    return env
 
 
 def _saved_model_cli():
@@ -73,7 +67,7 @@ def published(model_dir, tiny_dataset, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "serving.export", "--model-dir", model_dir, "--data",
          tiny_dataset, "--base-path", base, "--warmup-requests", str(WARMUP_REQUESTS)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return base, json.loads(proc.stdout), proc.stderr
 
@@ -92,7 +86,7 @@ def _test_requests(data_dir, count):
 
 def test_help_explains_the_command():
     proc = subprocess.run([sys.executable, "-m", "serving.export", "--help"], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     for text in ("--model-dir", "--data", "--base-path", "--model-name", "--version",
                  "--warmup-requests", "atomically", "rank_listwise"):
@@ -134,7 +128,7 @@ def test_versions_are_numbered_and_immutable(published, model_dir, trained_model
     proc = subprocess.run(
         [sys.executable, "-m", "serving.export", "--model-dir", model_dir, "--data",
          tiny_dataset, "--base-path", base, "--version", "1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "omit --version" in proc.stderr
     assert E.numeric_versions(model_root) == [1, 2]
@@ -167,7 +161,7 @@ def test_a_killed_export_leaves_no_numeric_folder(model_dir, tiny_dataset, tmp_p
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.export", "--model-dir", model_dir, "--data",
          tiny_dataset, "--base-path", base, "--warmup-requests", "1", "--no-verify"],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen, deadline = [], time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
