@@ -33,7 +33,7 @@ MultiInference requires every task of a request to read the same input tensor.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -111,7 +111,8 @@ def listwise_input_names(metadata: Optional[F.DatasetMetadata] = None) -> List[s
     return F.model_input_names(metadata or F.DatasetMetadata())
 
 
-def listwise_input_shapes(metadata: F.DatasetMetadata) -> Dict[str, Tuple[str, List[Optional[int]]]]:
+def listwise_input_shapes(metadata: F.DatasetMetadata
+                          ) -> Dict[str, Tuple[str, List[Optional[int]]]]:
     """(dtype, shape) of every rank_listwise input; None = any size.
 
     B requests (dimension 0), N candidates per request, L behaviours per sequence (at most the

@@ -44,7 +44,8 @@ def test_compiled_yaml_matches_the_committed_one(tmp_path):
     executors = spec["deploymentSpec"]["executors"]
     train = [e for name, e in executors.items() if "train" in name][0]["container"]
     assert train["resources"]["accelerator"]["count"] == "1"
-    # The GPU step runs on the GPU image (dockerfiles/trainer.Dockerfile), the others on the CPU one.
+    # The GPU step runs on the GPU image (dockerfiles/trainer.Dockerfile), the others on the
+    # CPU one.
     images = {name: e["container"]["image"] for name, e in executors.items()}
     assert train["image"] == "qin-search-trainer:latest"
     assert {image for name, image in images.items() if "train" not in name} == {
