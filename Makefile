@@ -19,7 +19,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --progress-bar on --log $(VENV)/pip-install.log -r requirements.txt
 	@cp requirements.txt $(STAMP)
 
+# Lint first (ruff.toml): a style or unused-name error fails fast, before the long suite.
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 # `make demo VERBOSE=1` also shows every line of the steps' logs (TensorFlow, Beam, KFP).
