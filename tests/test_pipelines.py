@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +66,7 @@ def _run_local(tmp_path, name, *flags, models=None):
     return run_dir, str(models), proc.stdout + proc.stderr
 
 
+@pytest.mark.timeout(2400)  # two whole pipeline runs; more than the suite's 900 s on 2 cores
 def test_local_run_produces_every_artifact_and_the_gate_decides_the_export(tmp_path):
     import tensorflow as tf
 
