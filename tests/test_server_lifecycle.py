@@ -8,7 +8,6 @@ import concurrent.futures
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from datetime import datetime
@@ -22,6 +21,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_server.server import ModelServer, ServerOptions
+from tests.helpers import free_port
 from tests.serving_toy_model import export_toy_model, predict_request, warmup_log
 from tests.test_server import MODEL
 from tests.test_server_hostile_requests import start_server_process, stderr_text
@@ -30,11 +30,6 @@ from tests.test_server_reload import State, exports, install, status, wait_for  
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health_status(port, timeout=1.0):
