@@ -617,11 +617,32 @@ def finish(output: str, config: PipelineConfig, prepared: Dict[str, Any],
                                                       progress)
     _write_bytes(os.path.join(output, STATS_FILE),
                  json.dumps(stats, indent=2, sort_keys=True, default=float).encode())
+    check_accounting(stats)  # after stats.json is written, so the gap can be inspected
     for match in FileSystems.match([os.path.join(work, "*")])[0].metadata_list:
         FileSystems.delete([match.path])
     if not output.startswith("gs://") and os.path.isdir(work):
         shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def check_accounting(stats: Dict[str, Any]) -> None:
+    """Every request and behaviour read is written or rejected with a counted reason.
+
+    A runner that loses work (a crashed worker of the multi-process runner, seen once on a
+    machine short of memory) would otherwise leave a smaller dataset that looks complete.
+    Raises RuntimeError naming the gap; stats.json is already written for inspection."""
+    problems = []
+    for read, kept, rejected in (("requests_read", "examples", "requests_rejected"),
+                                 ("behaviours_read", "behaviours", "behaviours_rejected")):
+        n_read, n_kept = int(stats.get(read, 0)), int(stats.get(kept, 0))
+        n_rejected = int(sum(stats.get(rejected, {}).values()))
+        if n_read != n_kept + n_rejected:
+            problems.append(f"{read} {n_read} != {kept} {n_kept} + {rejected} {n_rejected}")
+    if problems:
+        raise RuntimeError(
+            "the pipeline lost records without rejecting them (" + "; ".join(problems) + "): "
+            "the runner dropped work and the output is incomplete; run again (with --workers 1 "
+            "to rule out the multi-process runner)")
 
 
 def _write_feature_store(output: str, metadata: F.DatasetMetadata, item_rows, prepared,

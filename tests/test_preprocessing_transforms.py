@@ -285,3 +285,14 @@ def test_join_user_in_beam_writes_point_in_time_examples():
         assert_that(out[P.JoinUser.HISTORY] | beam.Map(
             lambda s: [r["timestamp_ms"] for r in json.loads(s)[3]]),
                     equal_to([[998, 999, 1000]]), label="history")
+
+
+def test_accounting_refuses_records_lost_without_a_reason():
+    whole = {"requests_read": 10, "examples": 8, "requests_rejected": {"duplicate_request": 2},
+             "behaviours_read": 50, "behaviours": 45,
+             "behaviours_rejected": {"unknown_item": 3, "duplicate_behaviour": 2}}
+    P.check_accounting(whole)
+    with pytest.raises(RuntimeError, match="requests_read 10 != examples 5"):
+        P.check_accounting({**whole, "examples": 5})
+    with pytest.raises(RuntimeError, match="behaviours_read 50 != behaviours 20"):
+        P.check_accounting({**whole, "behaviours": 20})
