@@ -22,7 +22,7 @@ def test_mirrored_two_cpu_replicas(tiny_dataset, tmp_path):
     env.pop("TF_CONFIG", None)
     run = subprocess.run(_base(tiny_dataset, tmp_path / "m", "qin", "--strategy", "mirrored",
                                "--cpu-replicas", "2"),
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)  # bounded; slow only on a loaded machine
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "strategy: MirroredStrategy over 2 devices" in run.stdout
     summary = json.loads((tmp_path / "m" / "training_summary.json").read_text())
