@@ -319,7 +319,9 @@ def test_stage1_input_mode_and_empty_selection(data):
     import dataclasses
 
     batch = data["batch"]
-    metadata = dataclasses.replace(data["metadata"], long_term_mode="stage1")
+    # the sequences are stage-1 selections of K1 = 12 (the small config's k1, which must match)
+    metadata = dataclasses.replace(data["metadata"], long_term_mode="stage1",
+                                   long_term_length=12, stage1_k=12)
     tf.keras.utils.set_random_seed(0)
     model = M.build_model(small("qin"), metadata, data["embeddings"])
     out = numpy_outputs(model(batch))
