@@ -467,6 +467,22 @@ def expected_play_time(p_click, p_long_given_click, duration_s):
                                    + (1.0 - p_long_given_click) * SHORT_WATCH_RATIO_MEAN)
 
 
+def search_click_probability(cfg: GeneratorConfig, is_rel, aff, quality):
+    """p_click of search results (see `search_engagement`)."""
+    return _sigmoid(cfg.click_bias + cfg.relevance_effect * is_rel
+                    + cfg.affinity_effect * aff + quality)
+
+
+def search_engagement(cfg: GeneratorConfig, is_rel, aff, quality):
+    """(p_click, p(long view | click), p(like | click)) of search results shown for a query:
+    is_rel = [item topic == query topic], aff = is_rel and [item subtopic == the user's
+    preferred subtopic of the query topic], quality = the items' q_i (module docstring)."""
+    p_click = search_click_probability(cfg, is_rel, aff, quality)
+    c_long = _sigmoid(cfg.long_view_bias + cfg.long_view_affinity * aff + quality)
+    c_like = _sigmoid(cfg.like_bias + cfg.like_affinity * aff + quality)
+    return p_click, c_long, c_like
+
+
 def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -> UserLog:
     """Feed timeline, search requests and search clicks of user `u` (own random stream)."""
     rng = _stream(cfg.seed, USER_STREAM, u)
@@ -609,10 +625,7 @@ def simulate_user(u: int, cfg: GeneratorConfig, world: World, us: UserScalars) -
         is_rel = world.item_topic[cands] == qt
         aff = is_rel & (world.item_subtopic[cands] == pref_of_topic[qt])
         q = world.item_quality[cands]
-        p_click = _sigmoid(cfg.click_bias + cfg.relevance_effect * is_rel
-                           + cfg.affinity_effect * aff + q)
-        c_long = _sigmoid(cfg.long_view_bias + cfg.long_view_affinity * aff + q)
-        c_like = _sigmoid(cfg.like_bias + cfg.like_affinity * aff + q)
+        p_click, c_long, c_like = search_engagement(cfg, is_rel, aff, q)
         click = rng.random(len(cands)) < p_click
         long_view = click & (rng.random(len(cands)) < c_long)
         liked = click & (rng.random(len(cands)) < c_like)

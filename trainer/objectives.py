@@ -16,6 +16,23 @@ what the product wants (arXiv 2409.11281), fitted on eval, judged on test, store
    task, test split) and `O/tradeoff.png` (clicks@K against watch time@K as the watch-time
    weight varies, on the true values of generated data, else the labels).
 
+    python -m trainer.objectives retrieved --data OUT --model-dir M --raw RAW --output O \
+        [--candidates N] [--max-click-loss 0.01] [--k 10] [--write-weights]
+
+tunes the fused score where the ranker works: not on the 12-20 logged impressions of a request
+but on the N items retrieval hands it (the serving client ranks its `--candidates` = 100
+content-retrieved items, the search call ~200). Every eval and test request gets the N items of
+the whole corpus whose content embedding is closest to its query embedding
+(`serving.client.retrieve`, the non-personalized baseline), scored by the post-trained model
+(calibrated heads) with the request's own query, user and sequences from its example. Unshown
+items have no labels, so the weights are chosen on eval by the model's calibrated predictions
+(expected clicks@K = sum of calibrated p_click of the top K, expected watch time@K = sum of
+calibrated E[T]) and judged on test by the generator's truth for any (request, item) pair
+(`trainer.retrieval_oracle`). The truth's ceiling (the same grid on the true values) and
+diagnostics that only generated data allows (weights best on test, chosen on eval by the truth,
+the deployed ones) come alongside. Writes O/retrieved_run.json, and with --write-weights the
+chosen weights into M/post_training.json. `retrieved-summary --runs O1 O2 O3` prints the table.
+
     python -m trainer.objectives summarize --runs O1 O2 O3 --output DOCS
 
 averages the runs (e.g. one per data seed) into `DOCS/objectives.json` (mean; `std` and `runs`
@@ -31,7 +48,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -216,6 +233,325 @@ def fit_objectives(data_dir: str, model_dir: str, output_dir: str,
     return result
 
 
+# ---- the ranker on retrieved candidates ----------------------------------------------------
+RETRIEVED_JSON = "retrieved_run.json"
+
+
+class ItemTable:
+    """Every item of the data dir's vocabulary as `serving.client.retrieve` reads a feature
+    store: item_id, item_index, author_index, category [M, NUM_CATEGORY_LEVELS], embedding [M, D].
+
+    Indices come from DATA/vocab (index k + 1 = line k, as preprocessing numbers them), the
+    embedding from DATA/item_embeddings.npy and each item's author and categories
+    (category_l1, category_l2 of the canonical reader) from RAW/items.parquet; `check` compares
+    them with the candidates of a parsed batch."""
+
+    def __init__(self, data_dir: str, raw_dir: str):
+        import pyarrow.parquet as pq
+        from common import features as F
+
+        if F.NUM_CATEGORY_LEVELS != 2:
+            raise ValueError("the item table maps category_l1 and category_l2 only")
+        items = F.read_vocabulary(data_dir, "items")
+        author_index = {a: k + 1 for k, a in enumerate(F.read_vocabulary(data_dir, "authors"))}
+        category_index = {c: k + 1 for k, c in
+                          enumerate(F.read_vocabulary(data_dir, "categories"))}
+        raw = pq.read_table(os.path.join(raw_dir, "items.parquet"),
+                            columns=["item_id", "author_id", "category_l1",
+                                     "category_l2"]).to_pydict()
+        row = {item: k for k, item in enumerate(raw["item_id"])}
+        m = len(items)
+        author = np.zeros(m + 1, np.int64)
+        category = np.zeros((m + 1, F.NUM_CATEGORY_LEVELS), np.int64)
+        for index, item in enumerate(items, start=1):
+            k = row.get(item)
+            if k is None:
+                continue
+            author[index] = author_index.get(raw["author_id"][k] or "", F.OOV_INDEX)
+            category[index] = [category_index.get(raw[c][k] or "", F.OOV_INDEX)
+                               for c in ("category_l1", "category_l2")]
+        embedding = np.load(os.path.join(data_dir, F.ITEM_EMBEDDINGS_FILE))
+        if embedding.shape[0] != m + 1:
+            raise ValueError(f"item_embeddings.npy has {embedding.shape[0]} rows, the item "
+                             f"vocabulary {m} items (+ row 0)")
+        self.author, self.category = author, category  # by item index
+        self._items = {"item_id": list(items), "item_index": np.arange(1, m + 1),
+                       "author_index": author[1:], "category": category[1:],
+                       "embedding": np.asarray(embedding[1:], np.float32)}
+
+    def items(self) -> Dict:
+        return self._items
+
+    def check(self, batch) -> None:
+        """Raises ValueError unless the table gives the batch's candidates their authors and
+        categories (what preprocessing wrote into the examples)."""
+        from common import features as F
+
+        mask = F.candidate_mask(batch).numpy()
+        item = batch[F.CANDIDATE_ITEM].numpy()[mask]
+        bad = np.flatnonzero(
+            (self.author[item] != batch[F.CANDIDATE_AUTHOR].numpy()[mask])
+            | np.any(self.category[item] != batch[F.CANDIDATE_CATEGORY].numpy()[mask], axis=1))
+        if len(bad):
+            raise ValueError(f"the item table disagrees with the examples on {len(bad)} of "
+                             f"{len(item)} candidates (first item index {item[bad[0]]}): is RAW "
+                             "the input of DATA?")
+
+
+def retrieve_candidates(table, query_embeddings: np.ndarray, n: int) -> Dict[str, np.ndarray]:
+    """The content-cosine baseline of the serving client (`serving.client.retrieve`) for every
+    query: item_index, author_index [R, n], category [R, n, LEVELS], cosine [R, n]."""
+    from serving.client import retrieve
+
+    found = [retrieve(table, q, n) for q in query_embeddings]
+    return {key: np.stack([f[key] for f in found]) for key in
+            ("item_index", "author_index", "category", "cosine")}
+
+
+def with_candidates(batch, candidates: Dict[str, np.ndarray], metadata) -> Dict:
+    """The parsed batch's request-side features (query, user, sequences) with the candidate
+    lists replaced: the dense dict `serving.signatures`' rank_listwise path gives the model."""
+    import tensorflow as tf
+    from common import features as F
+
+    keep = {s.name for s in F.feature_specs(metadata, with_labels=False)}
+    features = {k: v for k, v in batch.items() if k in keep}
+    items = np.asarray(candidates["item_index"], np.int64)
+    features[F.CANDIDATE_ITEM] = tf.constant(items)
+    features[F.CANDIDATE_AUTHOR] = tf.constant(np.asarray(candidates["author_index"], np.int64))
+    features[F.CANDIDATE_CATEGORY] = tf.constant(np.asarray(candidates["category"], np.int64))
+    features[F.NUM_CANDIDATES] = tf.constant(np.full(items.shape[0], items.shape[1], np.int64))
+    return features
+
+
+def score_retrieved(model, data_dir: str, split: str, metadata, table: ItemTable, n: int,
+                    batch_size: int = 64, max_requests: Optional[int] = None) -> Dict:
+    """Every request of the split ranks the `n` items the content baseline retrieves for its
+    query from the whole corpus, with the model's (calibrated) heads.
+
+    Returns request_id [R] (str), items [R, n] (item indices), cosine [R, n], pred {task:
+    [R, n]} and score [R, n] (the model's own fused score)."""
+    import time
+
+    from common import features as F
+    from trainer import data as data_lib
+    from trainer import evaluate as E
+
+    tasks = list(metadata.tasks)
+    infer = E.make_infer_fn(model, tasks)
+    ds = data_lib.make_dataset(data_dir, split, metadata, batch_size, for_training=False)
+    parts: Dict[str, list] = {}
+    seen, started = 0, time.time()
+    for step, batch in enumerate(ds):
+        if max_requests is not None and seen >= max_requests:
+            break
+        if step == 0:
+            table.check(batch)
+        take = len(batch[F.REQUEST_ID]) if max_requests is None else min(
+            len(batch[F.REQUEST_ID]), max_requests - seen)
+        batch = {k: v[:take] for k, v in batch.items()}
+        candidates = retrieve_candidates(table, batch[F.QUERY_EMBEDDING].numpy(), n)
+        out = infer(with_candidates(batch, candidates, metadata))
+        parts.setdefault("request_id", []).append(
+            np.asarray([r.decode() for r in batch[F.REQUEST_ID].numpy()]))
+        parts.setdefault("items", []).append(candidates["item_index"])
+        parts.setdefault("cosine", []).append(candidates["cosine"])
+        parts.setdefault("score", []).append(out["score"].numpy())
+        for t in tasks:
+            parts.setdefault(f"pred_{t}", []).append(out[t].numpy())
+        seen += take
+        if (step + 1) % 5 == 0:
+            logger.info("%s: %d requests x %d retrieved candidates scored (%.0fs)", split, seen,
+                        n, time.time() - started)
+    if not parts:
+        raise ValueError(f"the {split} split produced no requests")
+    flat = {k: np.concatenate(v) for k, v in parts.items()}
+    flat["pred"] = {t: flat.pop(f"pred_{t}") for t in tasks}
+    return flat
+
+
+def _lists_flat(values: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    return {t: np.asarray(v, np.float64).reshape(-1) for t, v in values.items()}
+
+
+def tune_on_lists(pred_eval, pred_test, truth_test, tasks, objective: str,
+                  max_click_loss: float, k: int, truth_eval=None,
+                  deployed: Optional[Dict[str, float]] = None) -> Dict:
+    """Fusion on fixed-size candidate lists ([R, N] arrays per task).
+
+    * model (honest): the weights are chosen on eval where only the model is known, by its
+      calibrated predictions (expected clicks@K = sum of calibrated p_click over the top K,
+      expected watch time@K = sum of calibrated E[T]); judged on test with the truth against
+      ranking by the model's p(click);
+    * truth_ceiling: the same grid on the true values, chosen and judged on test against
+      ranking by the true p(click): what any ranker could get on these lists;
+    * diagnostics: the model's heads with the weights best on test by the truth
+      (`model_best_on_test`), chosen on eval by the truth (`model_chosen_on_eval_truth`, only
+      possible on generated data), and the `deployed` weights (tuned on the logged lists).
+    """
+    from common import features as F
+    from trainer import fusion
+
+    def groups(values):
+        r, n = np.asarray(next(iter(values.values()))).shape
+        return np.repeat(np.arange(r), n)
+
+    click, watch = "click", F.WATCH_TIME
+    pe, pt, tt = _lists_flat(pred_eval), _lists_flat(pred_test), _lists_flat(truth_test)
+    ge, gt = groups(pred_eval), groups(pred_test)
+    grid = fusion.candidate_weights(tasks)
+    reference_weights = fusion.click_ranking(tasks)
+
+    def judged(weights_list):  # the model's ranking on test, judged by the truth
+        return fusion.evaluate_weights(pt, tt[click], tt[watch], gt, weights_list, k)
+
+    chosen, eval_ref, _ = fusion.tune(pe, pe[click], pe[watch], ge, tasks, objective,
+                                      max_click_loss, k, grid)
+    ref, tuned = judged([reference_weights, chosen.weights])
+    predicted_ref, predicted = fusion.evaluate_weights(
+        pt, pt[click], pt[watch], gt, [reference_weights, chosen.weights], k)
+    curve = judged(grid)
+    result = {
+        "objective": fusion.describe(objective, max_click_loss, k), "k": k,
+        "requests": {"eval": int(ge.max() + 1), "test": int(gt.max() + 1)},
+        "candidates": int(np.asarray(pred_test[click]).shape[1]),
+        "weights": chosen.weights,
+        "eval_predicted": _point_dict(chosen, eval_ref),
+        "test_predicted": _point_dict(predicted, predicted_ref),
+        "test_oracle": dict(_point_dict(tuned, ref), reference=_point_dict(ref, ref),
+                            curve=[_point_dict(p, ref) for p in curve]),
+    }
+    best = fusion.choose(curve, ref, objective, max_click_loss)
+    result["model_best_on_test"] = _point_dict(best, ref)
+    if truth_eval is not None:
+        te = _lists_flat(truth_eval)
+        by_truth = fusion.tune(pe, te[click], te[watch], ge, tasks, objective, max_click_loss,
+                               k, grid)[0]
+        result["model_chosen_on_eval_truth"] = _point_dict(judged([by_truth.weights])[0], ref)
+    if deployed:
+        result["deployed_weights"] = _point_dict(judged([deployed])[0], ref)
+    truth_curve = fusion.evaluate_weights(tt, tt[click], tt[watch], gt, grid, k)
+    truth_ref = fusion.evaluate_weights(tt, tt[click], tt[watch], gt, [reference_weights], k)[0]
+    ceiling = fusion.choose(truth_curve, truth_ref, objective, max_click_loss)
+    result["truth_ceiling"] = dict(_point_dict(ceiling, truth_ref),
+                                   reference=_point_dict(truth_ref, truth_ref),
+                                   curve=[_point_dict(p, truth_ref) for p in truth_curve])
+    watch_only = fusion.evaluate_weights(tt, tt[click], tt[watch], gt,
+                                         [{t: float(t == watch) for t in tasks}], k)[0]
+    result["truth_by_expected_watch_time"] = _point_dict(watch_only, truth_ref)
+    # how far the model's reference is from the truth's (same lists, same judge)
+    result["model_click_ranking_share_of_truth"] = {
+        "clicks": ref.clicks / truth_ref.clicks, "watch_time": ref.watch_time /
+        truth_ref.watch_time}
+    return result
+
+
+def fit_retrieved(data_dir: str, model_dir: str, raw_dir: str, output_dir: str,
+                  candidates: Optional[int] = None, objective: Optional[str] = None,
+                  max_click_loss: Optional[float] = None, k: Optional[int] = None,
+                  batch_size: int = 64, max_requests: Optional[int] = None,
+                  write_weights: bool = False) -> Dict:
+    """The fusion tuned where the ranker works: on the candidates retrieval hands it (module
+    docstring, `retrieved`). Reads the model as served (calibration and fusion of
+    M/post_training.json); writes O/retrieved_run.json, and the chosen weights into
+    M/post_training.json only with `write_weights`."""
+    from common import features as F
+    from serving.client import DEFAULT_CANDIDATES
+    from trainer import fusion
+    from trainer import model as model_lib
+    from trainer import post_training
+    from trainer.calibration import Knots
+    from trainer.config import ModelConfig
+    from trainer.retrieval_oracle import ClickOracle
+
+    candidates = candidates or DEFAULT_CANDIDATES
+    objective = objective or fusion.DEFAULT_OBJECTIVE
+    max_click_loss = fusion.DEFAULT_MAX_CLICK_LOSS if max_click_loss is None else max_click_loss
+    k = k or fusion.DEFAULT_K
+    if candidates < k:
+        raise ValueError(f"--candidates {candidates} is fewer than the top K = {k}")
+    metadata = F.DatasetMetadata.load(data_dir)
+    tasks = list(metadata.tasks)
+    if "click" not in tasks or F.WATCH_TIME not in tasks:
+        raise ValueError(f"the retrieved-list fusion needs click and watch_time (tasks {tasks})")
+    config = ModelConfig.load(model_dir)
+    if config.score_formula != "product":
+        raise ValueError("fusion tuning fits the product score; the model's score_formula is "
+                         f"{config.score_formula!r}")
+    content = post_training.load(model_dir) or {}
+    if not content.get("calibration"):
+        logger.warning("%s has no calibration (run `fit` first): the expected clicks and watch "
+                       "time of the raw heads choose the weights", model_dir)
+    model = model_lib.load_trained_model(model_dir, data_dir)
+    deployed = {t: float(model.score_weights.get(t, 0.0)) for t in tasks}
+    table = ItemTable(data_dir, raw_dir)
+    oracle = ClickOracle.from_raw(raw_dir, F.read_vocabulary(data_dir, "items"))
+    scored, truth = {}, {}
+    for split in ("eval", "test"):
+        scored[split] = score_retrieved(model, data_dir, split, metadata, table, candidates,
+                                        batch_size, max_requests)
+        truth[split] = oracle.truth(scored[split]["request_id"], scored[split]["items"])
+    result = {"data": os.path.basename(os.path.normpath(data_dir)),
+              "model_type": config.model_type, "tasks": tasks,
+              "retrieval": f"content cosine top {candidates} of {len(table.items()['item_id'])}"
+                           " items (serving.client.retrieve)",
+              "calibrated": bool(content.get("calibration")),
+              "deployed_weights": deployed,
+              "fusion": tune_on_lists(scored["eval"]["pred"], scored["test"]["pred"],
+                                      truth["test"], tasks, objective, max_click_loss, k,
+                                      truth_eval=truth["eval"], deployed=deployed)}
+    if write_weights:
+        weights = result["fusion"]["weights"]
+        post_training.save(model_dir, {t: Knots.from_dict(v) for t, v in
+                                       content.get("calibration", {}).items()},
+                           {"weights": weights, "formula": "product",
+                            "objective": result["fusion"]["objective"],
+                            "candidates": f"retrieved:{candidates}"})
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, RETRIEVED_JSON), "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    return result
+
+
+def retrieved_summary(run_dirs: List[str]) -> str:
+    """Markdown table of several `retrieved` runs (one per data seed): per run and mean ± std."""
+    runs = []
+    for d in run_dirs:
+        with open(os.path.join(d, RETRIEVED_JSON)) as f:
+            runs.append(json.load(f))
+    k = runs[0]["fusion"]["k"]
+    columns = [("model, chosen on eval by its predictions", "test_oracle"),
+               ("model, best on test (diagnostic)", "model_best_on_test"),
+               ("model, chosen on eval by the truth (diagnostic)",
+                "model_chosen_on_eval_truth"),
+               ("model, deployed weights (tuned on logged lists)", "deployed_weights"),
+               ("truth's ceiling", "truth_ceiling")]
+    lines = [f"{runs[0]['fusion']['objective']}; {runs[0]['retrieval']}; true watch time@{k} "
+             f"gain / true clicks@{k} change vs ranking by p(click) (the model's for the model "
+             "rows, the true one for the ceiling), on test.", "",
+             "| ranking | " + " | ".join(r["data"] for r in runs) + " | mean ± std |",
+             "|---|" + "---|" * (len(runs) + 1)]
+    for title, key in columns:
+        if not all(key in r["fusion"] for r in runs):
+            continue
+        points = [r["fusion"][key] for r in runs]
+        cells = [f"{_weights_text(p['weights'])}: {100 * p['watch_time_gain']:+.2f}% / "
+                 f"{100 * p['clicks_change']:+.2f}%" for p in points]
+        g = _mean_std([p["watch_time_gain"] for p in points])
+        c = _mean_std([p["clicks_change"] for p in points])
+        lines.append(f"| {title} | " + " | ".join(cells) +
+                     f" | {100 * g['mean']:+.2f}% ± {100 * g['std']:.2f}% / "
+                     f"{100 * c['mean']:+.2f}% ± {100 * c['std']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _weights_text(weights: Mapping[str, float]) -> str:
+    short = {"watch_time": "a", "long_view": "b"}
+    text = ", ".join(f"{short.get(t, t)}={w:g}" for t, w in weights.items()
+                     if w and t != "click")
+    return text or "p(click)"
+
+
 # ---- figures -----------------------------------------------------------------------------
 def plot_reliability(result: Dict, path: str) -> None:
     import matplotlib
@@ -373,6 +709,31 @@ def main(argv=None) -> int:
                      help="watch_time_at_click_floor: largest relative loss of clicks@K allowed")
     fit.add_argument("--k", type=int, default=10, help="top K of each list")
     fit.add_argument("--batch-size", type=int, default=256, help="requests per batch")
+    ret = sub.add_parser(
+        "retrieved", help="tune the fused score on the candidates retrieval hands the ranker "
+                          "(generated data: judged by the generator's truth)")
+    ret.add_argument("--data", required=True, help="output directory of python -m preprocessing")
+    ret.add_argument("--model-dir", required=True,
+                     help="trained model, post-trained by `fit` (its calibrated heads are used)")
+    ret.add_argument("--raw", required=True,
+                     help="the generator's output folder (items.parquet, truth/) DATA came from")
+    ret.add_argument("--output", required=True, help="directory for retrieved_run.json")
+    ret.add_argument("--candidates", type=int, default=None,
+                     help="items retrieved per request (content-cosine top N; default: the "
+                          "serving client's --candidates)")
+    ret.add_argument("--objective", default="watch_time_at_click_floor",
+                     choices=("watch_time_at_click_floor", "clicks", "watch_time"))
+    ret.add_argument("--max-click-loss", type=float, default=0.01,
+                     help="watch_time_at_click_floor: largest relative loss of clicks@K allowed")
+    ret.add_argument("--k", type=int, default=10, help="top K of each list")
+    ret.add_argument("--batch-size", type=int, default=64, help="requests per batch")
+    ret.add_argument("--max-requests", type=int, default=None,
+                     help="score the first N requests of eval and of test only")
+    ret.add_argument("--write-weights", action="store_true",
+                     help="store the chosen weights in MODEL_DIR/post_training.json (the "
+                          "calibration is kept)")
+    rsum = sub.add_parser("retrieved-summary", help="table of several retrieved runs")
+    rsum.add_argument("--runs", nargs="+", required=True, help="output directories of retrieved")
     summ = sub.add_parser("summarize", help="average several fit runs into objectives.json")
     summ.add_argument("--runs", nargs="+", required=True, help="output directories of fit")
     summ.add_argument("--output", required=True, help="directory for objectives.json and figures")
@@ -389,6 +750,17 @@ def main(argv=None) -> int:
             if "fusion" in result:
                 print(json.dumps({k: v for k, v in result["fusion"].items()
                                   if k in ("objective", "weights", "eval")}, indent=2))
+        elif args.command == "retrieved":
+            import common  # noqa: F401,F811
+
+            result = fit_retrieved(args.data, args.model_dir, args.raw, args.output,
+                                   args.candidates, args.objective, args.max_click_loss, args.k,
+                                   args.batch_size, args.max_requests, args.write_weights)
+            print(json.dumps({k: v for k, v in result["fusion"].items()
+                              if not isinstance(v, dict) or "curve" not in v}, indent=2))
+            print(retrieved_summary([args.output]))
+        elif args.command == "retrieved-summary":
+            print(retrieved_summary(args.runs))
         else:
             print(summary_markdown(summarize(args.runs, args.output)))
     except (FileNotFoundError, ValueError) as e:
