@@ -1,5 +1,6 @@
 """PDR (trainer/pdr.py, trainer/pdr_task.py), its corpus index (serving/item_index.py) and
 its export (serving/export_retrieval.py) on a small version of the tiny dataset."""
+import dataclasses
 import json
 import os
 
@@ -180,3 +181,52 @@ def test_recall_metric_on_the_trained_corpus_matches_numpy(trained, data_dir):
     total = sum(len(set(c)) for c in requests["clicked"])
     assert RM.recall_at_k(top, requests["clicked"], (K,))[f"recall@{K}"] == \
         pytest.approx(hits / total)
+
+
+def test_interest_summary_reads_deep_engagement_not_watch_ratio():
+    """The default read-out (deep engagement, hard relevance gate) points at the subtopic the
+    user watches deeply, not at the one seen most often in short views nor at the behaviours
+    nearest the query; the earlier read-out (linear watch ratio, relu gate) stays reachable."""
+    from trainer.layers.pdr_towers import interest_engagement_weight, interest_summary_vector
+
+    eng = tf.constant([[[0.85, 0, 0, 0], [0.5, 0, 0, 0], [0.2, 1, 0, 0], [1.3, 0, 0, 0]]])
+    np.testing.assert_allclose(interest_engagement_weight(eng, "deep").numpy(), [[1, 0, 1, 1]])
+    np.testing.assert_allclose(interest_engagement_weight(eng, "watch_ratio").numpy(),
+                               [[0.85, 0.5, 0.2, 1.0]])
+    # 2 deep views of subtopic b (farther from the query), 8 short views (0.3) of subtopic a
+    # (nearer to it), 1 deep off-topic view (below the relevance threshold), 1 padding row
+    a, b, off = np.eye(3, dtype=np.float32)
+    content = tf.constant([[b] * 2 + [a] * 8 + [off, a]])
+    relevance = tf.constant([[0.6] * 2 + [0.9] * 8 + [0.1, 0.9]])
+    engagement = tf.constant([[[0.9, 0, 0, 0]] * 2 + [[0.3, 0, 0, 0]] * 8 + [[1.0, 1, 0, 0],
+                                                                             [1.0, 1, 0, 0]]])
+    mask = tf.constant([[True] * 11 + [False]])
+    new = interest_summary_vector(content, relevance, engagement, mask).numpy()[0]
+    np.testing.assert_allclose(new, b, atol=1e-6)
+    old = interest_summary_vector(content, relevance, engagement, mask, 0.5, "watch_ratio",
+                                  "relu").numpy()[0]
+    assert old[0] > old[1] > 0 and old[2] == 0  # dominated by the short views of a
+    hard_linear = interest_summary_vector(content, relevance, engagement, mask, 0.5,
+                                          "watch_ratio", "hard").numpy()[0]
+    deep_relu = interest_summary_vector(content, relevance, engagement, mask, 0.5, "deep",
+                                        "relu").numpy()[0]
+    assert hard_linear[0] > hard_linear[1] and deep_relu[1] == pytest.approx(1.0)
+    nothing = interest_summary_vector(content, relevance * 0, engagement, mask).numpy()
+    np.testing.assert_array_equal(nothing, 0)
+
+
+def test_config_defaults_and_models_saved_before_the_deep_read_out(tmp_path):
+    config = P.PDRConfig()
+    assert (config.interest_engagement, config.interest_gate) == ("deep", "hard")
+    with pytest.raises(ValueError):
+        P.PDRConfig(interest_engagement="likes")
+    with pytest.raises(ValueError):
+        P.PDRConfig(interest_gate="soft")
+    # a config file written before the options existed loads as the read-out it trained with
+    new_fields = ("interest_engagement", "interest_gate", "deep_watch_ratio")
+    old = {k: v for k, v in dataclasses.asdict(config).items() if k not in new_fields}
+    (tmp_path / P.CONFIG_FILE).write_text(json.dumps(old))
+    loaded = P.PDRConfig.load(str(tmp_path))
+    assert (loaded.interest_engagement, loaded.interest_gate) == ("watch_ratio", "relu")
+    config.save(str(tmp_path))
+    assert P.PDRConfig.load(str(tmp_path)) == config

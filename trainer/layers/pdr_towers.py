@@ -27,6 +27,42 @@ def _masked_mean(values, mask):
     return tf.reduce_sum(values * weight, axis=1) / tf.maximum(tf.reduce_sum(weight, axis=1), 1.0)
 
 
+INTEREST_ENGAGEMENTS = ("watch_ratio", "deep")
+INTEREST_GATES = ("relu", "hard")
+
+
+def interest_engagement_weight(engagement, mode: str = "deep",
+                               deep_watch_ratio: float = 0.8):
+    """[B, L] engagement factor of the interest read-out from engagement [B, L, E] (watch
+    ratio first, like second, as in the canonical and KuaiSAR formats; JD search's first value
+    is the click, so there every behaviour counts as deep): "watch_ratio" = the watch ratio
+    clipped to [0, 1]; "deep" = 1 for a deep engagement (watch ratio >= deep_watch_ratio or
+    a like), else 0."""
+    watch = engagement[..., 0]
+    if mode == "watch_ratio":
+        return tf.clip_by_value(watch, 0.0, 1.0)
+    deep = watch >= deep_watch_ratio
+    if engagement.shape[-1] is None or engagement.shape[-1] > 1:
+        deep |= engagement[..., 1] > 0
+    return tf.cast(deep, engagement.dtype)
+
+
+def interest_summary_vector(content, relevance, engagement, mask, threshold: float = 0.5,
+                            engagement_mode: str = "deep", gate: str = "hard",
+                            deep_watch_ratio: float = 0.8):
+    """[B, D] normalize(sum_i w_i c_i) of QueryUserTower's interest read-out: content [B, L, D]
+    (raw content embeddings of the behaviours), relevance [B, L] (cos(query, c_i)),
+    engagement [B, L, E], mask [B, L]; w_i = relevance gate x engagement factor (the tower's
+    docstring). Zeros when no behaviour qualifies."""
+    if gate == "hard":  # on-topic or not: no weight by closeness to the query
+        factor = tf.cast(relevance > threshold, relevance.dtype)
+    else:
+        factor = tf.nn.relu(relevance - threshold)
+    weight = factor * interest_engagement_weight(engagement, engagement_mode, deep_watch_ratio)
+    weight *= tf.cast(mask, weight.dtype)
+    return _l2_normalize(tf.einsum("bl,bld->bd", weight, content))
+
+
 class QueryAttendedBehaviours(tf.keras.layers.Layer):
     """Target attention over the user's long-term behaviours with the query as the target.
 
@@ -68,11 +104,16 @@ class QueryUserTower(tf.keras.layers.Layer):
     (QueryAttendedBehaviours), through an MLP to one L2-normalised vector [B, output_dim].
 
     With `interest_summary`, the tower also reads s = normalize(sum_i w_i c_i) over the raw
-    content embeddings c_i of the long-term behaviours, w_i = max(r_i - interest_threshold, 0)
-    * watch_i (r_i = cos(query, c_i), watch_i = the clipped first engagement value): the
-    query-relevant, deeply engaged part of the history in the content space itself, QIN's RSU
-    stage 1 with engagement weighting (arXiv 2310.06444) as a fixed, parameter-free read-out
-    (zeros when no behaviour qualifies).
+    content embeddings c_i of the long-term behaviours, w_i = g_i * e_i with r_i = cos(query,
+    c_i): the relevance gate g_i = [r_i > interest_threshold] (`interest_gate="hard"`) or
+    max(r_i - interest_threshold, 0) ("relu"), and the engagement factor e_i = 1 for a deep
+    engagement, watch ratio >= deep_watch_ratio or a like, else 0 (`interest_engagement=
+    "deep"`), or the clipped watch ratio ("watch_ratio"). It is the query-relevant, deeply
+    engaged part of the history in the content space itself, QIN's RSU stage 1 with
+    engagement weighting (arXiv 2310.06444) as a fixed, parameter-free read-out (zeros when no
+    behaviour qualifies). "deep" and "hard" keep the subtopic signal: with the linear watch
+    ratio the many short views of a topic's other subtopics outweigh the few deep views of the
+    preferred one, and weighting by r_i favours the behaviours nearest the topic centre.
 
     With `use_user=False` only the query inputs are read: the query-only dual encoder
     baseline, same code with the user inputs off.
@@ -81,11 +122,22 @@ class QueryUserTower(tf.keras.layers.Layer):
     def __init__(self, metadata: F.DatasetMetadata, item_embeddings, output_dim: int = 64,
                  id_dim: int = 32, hidden: int = 128, use_user: bool = True,
                  item_id_embedding: tf.keras.layers.Layer = None,
-                 interest_summary: bool = False, interest_threshold: float = 0.5, **kwargs):
+                 interest_summary: bool = False, interest_threshold: float = 0.5,
+                 interest_engagement: str = "deep", deep_watch_ratio: float = 0.8,
+                 interest_gate: str = "hard", **kwargs):
         super().__init__(**kwargs)
+        if interest_engagement not in INTEREST_ENGAGEMENTS:
+            raise ValueError(f"interest_engagement must be one of {INTEREST_ENGAGEMENTS}, got "
+                             f"{interest_engagement!r}")
+        if interest_gate not in INTEREST_GATES:
+            raise ValueError(f"interest_gate must be one of {INTEREST_GATES}, got "
+                             f"{interest_gate!r}")
+        self.interest_gate = interest_gate
         self.use_user = use_user
         self.interest_summary = interest_summary
         self.interest_threshold = interest_threshold
+        self.interest_engagement = interest_engagement
+        self.deep_watch_ratio = deep_watch_ratio
         self.token_embedding = tf.keras.layers.Embedding(metadata.query_token_buckets, id_dim,
                                                          name="query_token_embedding")
         self.query_proj = tf.keras.layers.Dense(id_dim, name="query_embedding_proj")
@@ -119,20 +171,20 @@ class QueryUserTower(tf.keras.layers.Layer):
                              items, tf.zeros_like(items))
             mask = tf.sequence_mask(features[F.seq_feature(F.LONG_TERM, F.SEQ_LENGTH)],
                                     tf.shape(items)[1])
+            raw_engagement = tf.cast(features[F.seq_feature(F.LONG_TERM, F.SEQ_ENGAGEMENT)],
+                                     tf.float32)
             raw_content = tf.gather(self.content, items)  # [B, L, D]
             relevance = tf.reduce_sum(
                 _l2_normalize(raw_content) * _l2_normalize(query_emb)[:, None, :], axis=-1)
-            engagement = tf.cast(features[F.seq_feature(F.LONG_TERM, F.SEQ_ENGAGEMENT)],
-                                 tf.float32)
-            engagement = tf.clip_by_value(engagement, 0.0, 1.0)
+            engagement = tf.clip_by_value(raw_engagement, 0.0, 1.0)
             attended, attention = self.attention(
                 query, self.item_id_embedding(items), self.content_proj(raw_content),
                 relevance, engagement, mask)
             parts += [profile, user, attended]
             if self.interest_summary:
-                weight = tf.nn.relu(relevance - self.interest_threshold) * engagement[..., 0]
-                weight *= tf.cast(mask, weight.dtype)
-                parts.append(_l2_normalize(tf.einsum("bl,bld->bd", weight, raw_content)))
+                parts.append(interest_summary_vector(
+                    raw_content, relevance, raw_engagement, mask, self.interest_threshold,
+                    self.interest_engagement, self.interest_gate, self.deep_watch_ratio))
         out = _l2_normalize(self.mlp(tf.concat(parts, axis=-1)))
         return (out, attention) if return_attention else out
 
