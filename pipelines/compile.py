@@ -14,10 +14,16 @@ DEFAULT_OUTPUT = "pipelines/qin_pipeline.yaml"
 
 
 def compile_pipeline(output: str) -> str:
+    import os
+
     from kfp import compiler
 
     from pipelines.pipeline import qin_pipeline
 
+    # Run from anywhere: the README's `--output pipelines/qin_pipeline.yaml` outside a checkout
+    # creates the folder instead of failing after KFP has compiled.
+    if os.path.dirname(output):
+        os.makedirs(os.path.dirname(output), exist_ok=True)
     compiler.Compiler().compile(pipeline_func=qin_pipeline, package_path=output)
     return output
 
