@@ -12,7 +12,9 @@ One `ModelManager` serves the models of a `ModelServerConfig` (tensorflow_servin
   GetModelStatus), logged, and skipped by the policy: the latest *working* versions stay in
   service. The policy then picks the next older version within the same poll, so a restart
   (after kill -9, say) next to several broken newer versions serves the newest loadable one
-  after one poll, not one broken version per poll. A failed version is retried when any of its
+  after one poll, not one broken version per poll; while nothing is served, the next older
+  candidate loads alongside the newest, so a newest version that fails only after a full load
+  does not delay service by one more load. A failed version is retried when any of its
   files changes (its list of files with their sizes and modification times).
 * Requests take a reference on the version they run on (`acquire`), so unloading never fails a
   request in flight; a version's batchers are closed after its last request finished.
@@ -407,7 +409,11 @@ class ModelManager:
             if not missing:
                 break
             changed = True
-            self._load(model, missing[0], on_disk[missing[0]])  # newest first
+            batch = [missing[0]]  # newest first
+            fallback = self._fallback(model, loadable, missing[0])
+            if fallback is not None:
+                batch.append(fallback)
+            self._load_concurrently(model, [(v, on_disk[v]) for v in batch])
         # Re-select: a failed load above must not make us unload the version it would replace.
         loadable = [v for v in on_disk if v not in model.failed]
         wanted = set(select_versions(model.config, loadable))
@@ -417,6 +423,31 @@ class ModelManager:
                     changed = True
                     self._retire(model, v)
         return changed
+
+    @staticmethod
+    def _fallback(model: _Model, loadable: List[int], newest: int) -> Optional[int]:
+        """With nothing in service (a start or a restart after kill -9), the version the
+        policy would pick if `newest` failed; it loads alongside `newest`, so a broken newest
+        version (one that fails only after a full load, in its warmup, say) costs no extra
+        load time before something serves. Both loads run at once only then, so memory
+        doubles only while nothing is served; an unneeded fallback is unloaded right after."""
+        if model.versions:
+            return None
+        rest = [v for v in loadable if v != newest]
+        wanted = [v for v in select_versions(model.config, rest) if v not in model.versions]
+        return wanted[0] if wanted else None
+
+    def _load_concurrently(self, model: _Model, batch: List[Tuple[int, str]]) -> None:
+        if len(batch) == 1:
+            self._load(model, *batch[0])
+            return
+        threads = [threading.Thread(target=self._load, args=(model, v, path),
+                                    name=f"load-{model.name}-{v}", daemon=True)
+                   for v, path in batch]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _load(self, model: _Model, version: int, path: str) -> None:
         fp = _fingerprint(path)
