@@ -4,11 +4,16 @@ container, so no logic lives here and a step behaves exactly as it does from a s
 
 Lightweight components must be self-contained (KFP serialises the function body), hence the
 imports inside each function and the small `_run` helper repeated as a nested function.
-Two container images (see README, "On Vertex AI Pipelines"): the train step runs on the GPU
-image of dockerfiles/trainer.Dockerfile (QIN_TRAINER_IMAGE), every other step on the CPU image of
-the root Dockerfile (QIN_PIPELINE_IMAGE); set them before compiling.
+Two container images (see README, "On Vertex AI Pipelines"): the train and train_pdr steps run
+on the GPU image of dockerfiles/trainer.Dockerfile (QIN_TRAINER_IMAGE), every other step on the
+CPU image of the root Dockerfile (QIN_PIPELINE_IMAGE); set them before compiling.
+
+A step never writes into an input artifact: the item-to-item table goes to its own artifact
+(`preprocessing.item_to_item --output`), which the retrieval steps read by path.
 """
 import os
+from typing import NamedTuple
+
 from kfp import dsl
 
 PIPELINE_IMAGE = os.environ.get("QIN_PIPELINE_IMAGE", "qin-search:latest")
@@ -90,6 +95,80 @@ def train(data: dsl.Input[dsl.Dataset], model_preset: str, config_json: str, epo
 
 
 @_component
+def build_item_to_item(data: dsl.Input[dsl.Dataset], workers: int,
+                       item_to_item: dsl.Output[dsl.Dataset]):
+    """QRCF's item-to-item table (ItemCF-IUF, Beam) from the preprocessing output's feature
+    store, behaviours before the eval split only, written to this step's own artifact."""
+    import json
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "preprocessing.item_to_item", "--data", data.path,
+                    "--output", item_to_item.path, "--workers", str(workers)], check=True)
+    with open(item_to_item.path + "/manifest.json") as f:
+        manifest = json.load(f)
+    item_to_item.metadata.update({"algorithm": manifest["algorithm"],
+                                  "before_ms": manifest["before_ms"],
+                                  **{k: v for k, v in manifest["counts"].items()
+                                     if k in ("items_with_neighbours", "neighbour_edges")}})
+
+
+@_gpu_component
+def train_pdr(data: dsl.Input[dsl.Dataset], config_json: str, epochs: int, batch_size: int,
+              seed: int, pdr_model: dsl.Output[dsl.Model]):
+    """Trains PDR (personalized dense retrieval, `python -m trainer.pdr_task`); its checkpoints
+    make a retried step resume, not restart; the epoch with the best eval recall@100 is kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "trainer.pdr_task", "--data", data.path,
+           "--model-dir", pdr_model.path, "--epochs", str(epochs),
+           "--batch-size", str(batch_size), "--seed", str(seed)]
+    if config_json:
+        cmd += ["--config", config_json]
+    subprocess.run(cmd, check=True)
+    pdr_model.metadata.update({"model": "pdr", "framework": "tensorflow-recommenders"})
+    summary = os.path.join(pdr_model.path, "training_summary.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            pdr_model.metadata.update({k: v for k, v in json.load(f).items()
+                                       if isinstance(v, (int, float, str))})
+
+
+@_component
+def evaluate_retrieval(data: dsl.Input[dsl.Dataset], item_to_item: dsl.Input[dsl.Dataset],
+                       pdr_model: dsl.Input[dsl.Model], split: str, max_requests: int,
+                       metrics: dsl.Output[dsl.Metrics], report: dsl.Output[dsl.Markdown]):
+    """Recall@{50,100,200,500} of the clicked items over the whole corpus, on the first
+    `max_requests` requests of a split (0: all), for PDR, the content baseline, QRCF and their
+    merge (`python -m trainer.evaluate_retrieval`); the release gate reads PDR and content."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    out = tempfile.mkdtemp()
+    cmd = [sys.executable, "-m", "trainer.evaluate_retrieval", "--data", data.path,
+           "--item-to-item", item_to_item.path, "--pdr-dir", pdr_model.path,
+           "--split", split, "--output", out]
+    if max_requests > 0:
+        cmd += ["--max-requests", str(max_requests)]
+    subprocess.run(cmd, check=True)
+    with open(out + "/retrieval_metrics.json") as f:
+        result = json.load(f)
+    for source in ("pdr", "content", "qrcf", "merged"):
+        for name, value in result.get(source, {}).items():
+            if name.startswith("recall@") and isinstance(value, (int, float)):
+                metrics.log_metric(f"{source}_{name.replace('@', '_at_')}", float(value))
+    metrics.log_metric("requests", float(result["run"]["requests"]))
+    shutil.copy(out + "/retrieval_metrics.md", report.path)
+    shutil.copy(out + "/retrieval_metrics.json", metrics.path + ".json")
+
+
+@_component
 def evaluate(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], split: str,
              metrics: dsl.Output[dsl.Metrics], report: dsl.Output[dsl.Markdown]):
     """Evaluates on a held-out split: per-task AUC / log loss / GAUC for the model and, on
@@ -116,11 +195,14 @@ def evaluate(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model], split: s
 
 
 @_component
-def release_gate(metrics: dsl.Input[dsl.Metrics], model_base_path: str, model_name: str,
-                 min_click_gauc: float, min_click_auc: float, min_gain_over_served: float,
+def release_gate(metrics: dsl.Input[dsl.Metrics], retrieval_metrics: dsl.Input[dsl.Metrics],
+                 model_base_path: str, model_name: str, min_click_gauc: float,
+                 min_click_auc: float, min_gain_over_served: float, min_pdr_recall: float,
+                 max_pdr_recall_below_content: float,
                  decision: dsl.Output[dsl.Artifact]) -> bool:
     """True when the candidate clears the floors and is not worse than the latest served
-    version on the same split (floors only when nothing is served): `python -m
+    version on the same split (floors only when nothing is served), and its PDR's recall@200
+    clears its floor and is at most the margin below the content baseline's: `python -m
     pipelines.release_gate decide`. The pipeline exports only then; `decision` holds why."""
     import json
     import subprocess
@@ -132,6 +214,9 @@ def release_gate(metrics: dsl.Input[dsl.Metrics], model_base_path: str, model_na
                            "--min-click-gauc", str(min_click_gauc),
                            "--min-click-auc", str(min_click_auc),
                            "--min-gain-over-served", str(min_gain_over_served),
+                           "--retrieval-metrics", retrieval_metrics.path + ".json",
+                           "--min-pdr-recall", str(min_pdr_recall),
+                           "--max-pdr-recall-below-content", str(max_pdr_recall_below_content),
                            "--output", decision.path], capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     if proc.returncode:
@@ -144,10 +229,12 @@ def release_gate(metrics: dsl.Input[dsl.Metrics], model_base_path: str, model_na
 @_component
 def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model],
                  metrics: dsl.Input[dsl.Metrics], base_path: str, model_name: str,
-                 exported: dsl.Output[dsl.Model]) -> str:
+                 exported: dsl.Output[dsl.Model]
+                 ) -> NamedTuple("Outputs", [("export_dir", str), ("version", int)]):
     """Exports a new numeric version under base_path/model_name for TF Serving to pick up,
     then records the evaluation beside it (<version>/assets.extra/metrics.json), the baseline
-    the next run's release gate compares with."""
+    the next run's release gate compares with. Returns the version folder and number."""
+    from collections import namedtuple
     import json
     import subprocess
     import sys
@@ -166,4 +253,47 @@ def export_model(data: dsl.Input[dsl.Dataset], model: dsl.Input[dsl.Model],
                               "export_dir": summary["export_dir"]})
     with open(exported.path, "w") as f:
         json.dump(summary, f, indent=2)
-    return summary["export_dir"]
+    outputs = namedtuple("Outputs", ["export_dir", "version"])
+    return outputs(summary["export_dir"], int(summary["version"]))
+
+
+@_component
+def export_retrieval(data: dsl.Input[dsl.Dataset], pdr_model: dsl.Input[dsl.Model],
+                     retrieval_metrics: dsl.Input[dsl.Metrics], base_path: str,
+                     model_name: str, version: int, exported: dsl.Output[dsl.Model]) -> str:
+    """Exports PDR beside ranking version `version` (export_model's): the query tower to
+    base_path/pdr_query/<version> and the corpus index to base_path/pdr_index/<version>
+    (`python -m serving.export_retrieval`), then records the retrieval evaluation beside the
+    ranking version (<model_name>/<version>/assets.extra/retrieval_metrics.json)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # serving.export_retrieval writes through local file APIs: a gs:// base path goes through
+    # the Cloud Storage FUSE mount that Vertex AI Pipelines gives every step (/gcs/BUCKET/...)
+    local_base = base_path
+    if base_path.startswith("gs://"):
+        local_base = "/gcs/" + base_path[len("gs://"):]
+        if not os.path.isdir("/gcs"):
+            raise RuntimeError(f"cannot write the retrieval export to {base_path}: no Cloud "
+                               "Storage FUSE mount (/gcs) in this step")
+    proc = subprocess.run([sys.executable, "-m", "serving.export_retrieval",
+                           "--pdr-dir", pdr_model.path, "--data", data.path,
+                           "--base-path", local_base, "--version", str(version),
+                           "--ranking-model-name", model_name], stdout=subprocess.PIPE,
+                          text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode:
+        raise RuntimeError(f"serving.export_retrieval failed with exit code {proc.returncode}")
+    # stdout: the JSON {index_dir, query_dir}, then one summary line
+    summary = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
+    subprocess.run([sys.executable, "-m", "pipelines.release_gate", "record",
+                    "--metrics", retrieval_metrics.path + ".json",
+                    "--version-dir", os.path.join(local_base, model_name, str(version)),
+                    "--name", "retrieval_metrics.json"], check=True)
+    summary["version"] = int(version)
+    exported.metadata.update(summary)
+    with open(exported.path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary["index_dir"]

@@ -1,13 +1,17 @@
 """`make demo`: the whole flow on generated data, end to end, on this machine.
 
   1. the Kubeflow pipeline through kfp.local: generate logs -> Beam preprocessing -> train QIN
-     -> evaluate (with the oracle's row) -> release gate (floors, and not worse than the served
-     version) -> export a TF Serving model version;
+     -> evaluate (with the oracle's row); build the item-to-item table, train PDR, evaluate
+     retrieval (PDR vs the content baseline) -> release gate (floors, not worse than the
+     served version, PDR recall@200) -> export a TF Serving model version, and PDR's query
+     tower and index beside it;
   2. a small comparison (QIN against baselines) with its figure: one seed and the pipeline's
      budget, so it shows the tooling, not which model is better;
   3. the project's TF Serving-protocol gRPC server on 127.0.0.1 serving the latest version;
-  4. search (serving.search) for a few users and queries: readable ranked lists with the
-     behaviours that drove them, their relevance to the query and the user's engagement;
+  4. search (serving.search: QRCF on the pipeline's item-to-item table, the exported PDR and
+     the content baseline, merged, ranked by QIN) for a few users and queries: readable ranked
+     lists with the retrievers that found each item, the behaviours that drove them, their
+     relevance to the query and the user's engagement;
   5. where the metrics table, the figures, the TensorBoard logs and the logs are.
 
 Every long step prints a counted line with its elapsed time; the output of the steps themselves
@@ -64,6 +68,8 @@ def _wait_serving(address: str, timeout_s: float = 120.0) -> None:
 
 
 def _task_dir(run_dir: str, task: str) -> str:
+    if os.path.isdir(os.path.join(run_dir, task)):  # "train", not "train-pdr"
+        return os.path.join(run_dir, task)
     matches = sorted(glob.glob(os.path.join(run_dir, task + "*")))
     if not matches:
         raise FileNotFoundError(f"no '{task}' step output under {run_dir}")
@@ -92,7 +98,10 @@ def _pipeline_steps() -> int:
 
 def _quiet_this_process() -> None:
     """Framework noise of the demo's own process (it imports TensorFlow for the search)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # also cuInit's error on GPU-less hosts
+    # 3 also hides cuInit's error on GPU-less hosts when the PDR tower loads; importing the
+    # project (`common`) already set the default 2, so that value is raised, a user's kept
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "2":
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -113,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training epochs, pipeline and comparison alike (default: 3)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="requests per batch, pipeline and comparison alike (default: 64)")
+    parser.add_argument("--pdr-epochs", type=int, default=2,
+                        help="PDR (retrieval) training epochs in the pipeline (default: 2)")
     parser.add_argument("--lifelong-users", type=int, default=0,
                         help="users with 10^4-10^5 behaviours; also switches the long-term "
                              "sequence to stage-1 (query-relevant) preselection (default: 0)")
@@ -136,7 +147,7 @@ def run_pipeline(args, output: str, base_path: str, log_path: str) -> str:
                "--users", str(args.users), "--items", str(args.items),
                "--requests", str(args.requests), "--seed", str(args.seed),
                "--lifelong-users", str(args.lifelong_users), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size),
+               "--batch-size", str(args.batch_size), "--pdr-epochs", str(args.pdr_epochs),
                "--long-term-mode", "stage1" if args.lifelong_users else "recent",
                "--model-base-path", base_path, "--model-name", MODEL_NAME]
     env = progress.quiet_environment()
@@ -214,18 +225,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     model_root = os.path.join(base_path, MODEL_NAME)
 
     log = os.path.join(logs, "pipeline.log")
-    _header(1, "Kubeflow pipeline (kfp.local): generate -> preprocess -> train -> evaluate -> "
-               "release gate -> export", log)
+    _header(1, "Kubeflow pipeline (kfp.local): generate -> preprocess -> train -> evaluate; "
+               "i2i table, PDR -> retrieval eval -> release gate -> export", log)
     run_dir = run_pipeline(args, output, base_path, log)
     raw_dir = os.path.join(_task_dir(run_dir, "acquire-raw-logs"), "raw")
     data_dir = os.path.join(_task_dir(run_dir, "preprocess"), "data")
     model_dir = os.path.join(_task_dir(run_dir, "train"), "model")
+    item_to_item_dir = os.path.join(_task_dir(run_dir, "build-item-to-item"), "item_to_item")
+    pdr_dir = os.path.join(_task_dir(run_dir, "train-pdr"), "pdr_model")
+    retrieval_json = os.path.join(_task_dir(run_dir, "evaluate-retrieval"), "metrics.json")
     evaluate_dir = _task_dir(run_dir, "evaluate")
     metrics_table = os.path.join(evaluate_dir, "report")
     metrics_json = os.path.join(evaluate_dir, "metrics.json")
     print()
     print(first_table(open(metrics_table).read()))
     print(f"(every metric: {metrics_table})")
+    print(retrieval_line(retrieval_json))
     decision_path = os.path.join(_task_dir(run_dir, "release-gate"), "decision")
     if os.path.exists(decision_path):
         print(release_gate.summary_line(release_gate.read_json(decision_path)))
@@ -280,7 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"   serving {model_root} (version {served_version}) at {address}, ready in "
               f"{progress.elapsed(time.monotonic() - server_started)}")
         _header(4, "search: (user, query) -> ranked list, explained")
-        search_examples(data_dir, raw_dir, address)
+        search_examples(data_dir, raw_dir, address, item_to_item_dir, base_path,
+                        served_version)
     finally:
         server.terminate()  # SIGTERM: the server drains in-flight requests and exits
         server.wait(timeout=60)
@@ -294,30 +310,64 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{os.path.join(report_dir, 'report.png')}")
     print(f"TensorBoard       .venv/bin/tensorboard --logdir {tensorboard}   (train/, eval/)")
     print(f"exported model    {model_root}  (saved_model_cli show --all --dir <version dir>)")
+    print(f"PDR export        {os.path.join(base_path, 'pdr_query')}, "
+          f"{os.path.join(base_path, 'pdr_index')}  (beside each version; model {pdr_dir})")
+    print(f"item-to-item      {item_to_item_dir}")
+    print(f"retrieval metrics {retrieval_json}")
     print(f"serve it again    .venv/bin/python -m serving.model_server "
           f"--model-base-path {model_root} --model-name {MODEL_NAME} --port 8500")
     print(f"logs              {logs}")
-    print(json.dumps({"run_dir": run_dir, "data": data_dir, "model": model_dir}, indent=2))
+    print(json.dumps({"run_dir": run_dir, "data": data_dir, "model": model_dir,
+                      "pdr": pdr_dir, "item_to_item": item_to_item_dir}, indent=2))
     return 0
 
 
-def search_examples(data_dir: str, raw_dir: str, address: str) -> None:
+def retrieval_line(metrics_path: str) -> str:
+    """Recall@200 of each retrieval source from the pipeline's retrieval evaluation."""
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    found = [f"{source} {metrics[source]['recall@200']:.4f}"
+             for source in ("pdr", "content", "qrcf", "merged")
+             if isinstance(metrics.get(source), dict) and "recall@200" in metrics[source]]
+    run = metrics.get("run", {})
+    return (f"retrieval recall@200 of clicked items ({run.get('split')} split, "
+            f"{run.get('requests')} requests, corpus {run.get('corpus_items')} items): "
+            + ", ".join(found))
+
+
+def search_examples(data_dir: str, raw_dir: str, address: str, item_to_item_dir: str,
+                    base_path: str, served_version: int) -> None:
     """Ranked lists for the last requests of a few users, one with a word the vocabulary does
-    not know, and one for a user the store has never seen."""
+    not know, and one for a user the store has never seen. Retrieval: QRCF on the pipeline's
+    item-to-item table, the PDR exported beside the served ranking version, and the content
+    baseline (content only when that version has no PDR export, e.g. from an older run)."""
     from common.feature_store import FEATURE_STORE_FILE, SqliteFeatureStore
     from pipelines.explain import explain, load_catalogue
     from serving import client
+    from serving.export_retrieval import INDEX_NAME, QUERY_MODEL_NAME
+    from serving.item_index import MANIFEST_FILE
     from serving.search import CONTENT, SearchConfig, Searcher
 
-    store = SqliteFeatureStore(os.path.join(data_dir, FEATURE_STORE_FILE))
     catalogue = load_catalogue(raw_dir)
     stub, channel = client.make_stub(address)
-    # Retrieval here is the content baseline: QRCF needs `python -m preprocessing.item_to_item`
-    # and PDR `python -m trainer.pdr_task` + `serving.export_retrieval`, outside this demo.
-    searcher = Searcher(store, stub, config=SearchConfig(candidates=100, per_source=100,
-                                                         quotas={CONTENT: 1.0}))
-    print("   retrieval: content-embedding baseline (QRCF and PDR retrieval are not built by "
-          "the demo); ranking: QIN over gRPC")
+    config = SearchConfig(candidates=100, per_source=100)
+    pdr_ready = all(os.path.exists(os.path.join(base_path, name, str(served_version),
+                                                MANIFEST_FILE))
+                    for name in (QUERY_MODEL_NAME, INDEX_NAME))
+    if pdr_ready:
+        searcher = Searcher.from_paths(data_dir, base_path, stub, served_version, config,
+                                       item_to_item=item_to_item_dir)
+        store = searcher.store
+        quotas = ", ".join(f"{s} {q:g}" for s, q in config.quotas.items())
+        print(f"   retrieval: PDR version {served_version} ({searcher.pdr.index_dir}), QRCF "
+              f"({item_to_item_dir}) and the content baseline, quotas {quotas}; ranking: "
+              "QIN over gRPC")
+    else:
+        store = SqliteFeatureStore(os.path.join(data_dir, FEATURE_STORE_FILE))
+        searcher = Searcher(store, stub, config=SearchConfig(candidates=100, per_source=100,
+                                                             quotas={CONTENT: 1.0}))
+        print(f"   retrieval: content-embedding baseline only (version {served_version} has no "
+              f"PDR export beside it); ranking: QIN over gRPC")
     examples = [(user, query, now_ms, 5) for user, query, now_ms in
                 _sample_user_queries(raw_dir, count=3)]
     user, query, now_ms, _ = examples[0]

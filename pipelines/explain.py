@@ -10,6 +10,7 @@ adds, from the feature store and the raw item table, what the result carries onl
   watched twice is one line with its summed attention weight and the number of views; each
   with the cosine of its content embedding and the query embedding (the relevance RSU stage 1
   ranks by) and the user's engagement with it (watch ratio, like, follow, share);
+* QRCF's seed behaviours merged per item likewise (with their number of views);
 * the notes of the search (unknown query words, unknown user or empty history) and how many
   distinct behaviours explain the whole list.
 """
@@ -90,6 +91,15 @@ def distinct_drivers(drivers) -> List[Dict]:
     return sorted(merged.values(), key=lambda e: -e["weight"])
 
 
+def distinct_seeds(seeds) -> List:
+    """QRCF seeds merged per item, in their order: [(first seed of the item, behaviours)]."""
+    merged: Dict[str, List] = {}
+    for seed in seeds:
+        entry = merged.setdefault(seed.item_id, [seed, 0])
+        entry[1] += 1
+    return [tuple(entry) for entry in merged.values()]
+
+
 class BehaviourLookup:
     """The user's behaviours before the request, by (item id, time), with the query relevance
     of their items."""
@@ -138,10 +148,12 @@ def explain(result, store, catalogue: Mapping[str, Mapping[str, str]], tasks_sho
         lines.append(f"  {rank}. {describe_item(item.item_id, catalogue)}")
         lines.append(f"     score {item.score:.3f} ({probabilities}); query match "
                      f"{'n/a' if relevance is None else f'{relevance:.2f}'}; found by {found}")
-        if item.qrcf_seeds:
+        seeds = distinct_seeds(item.qrcf_seeds)
+        if seeds:
             lines.append("     retrieved through " + "; ".join(
                 f"{describe_item(seed.item_id, catalogue)} (query relevance "
-                f"{seed.relevance:.2f})" for seed in item.qrcf_seeds))
+                f"{seed.relevance:.2f}" + (f", {n} views" if n > 1 else "") + ")"
+                for seed, n in seeds))
         drivers = distinct_drivers(item.drivers)
         if not drivers:
             lines.append("     drivers: none (no long-term behaviour attended to)")

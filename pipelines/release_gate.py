@@ -3,9 +3,10 @@ and is not worse than the version being served, as TFX's Evaluator does.
 
     python -m pipelines.release_gate decide --metrics CANDIDATE/metrics.json \\
         --model-base-path B --model-name qin [--min-click-gauc 0.55] [--min-click-auc 0.55] \\
-        [--min-gain-over-served 0.0] [--output decision.json]
+        [--min-gain-over-served 0.0] [--retrieval-metrics E/retrieval_metrics.json \\
+        [--min-pdr-recall 0.0] [--max-pdr-recall-below-content 0.02]] [--output decision.json]
     python -m pipelines.release_gate record --metrics CANDIDATE/metrics.json \\
-        --version-dir B/qin/3
+        --version-dir B/qin/3 [--name metrics.json]
 
 `decide` reads the candidate's `trainer.evaluate` metrics.json and the metrics recorded beside
 the latest served version, `B/<model_name>/<version>/assets.extra/metrics.json` (the latest
@@ -17,10 +18,19 @@ prints the decision as JSON (exit code 0 either way; `blessed` says it):
   computed on the same split (a served version evaluated on another split is not comparable:
   not blessed). Nothing served yet, or a served version without recorded metrics (exported
   by hand, or by a run older than this gate): floors only, and the decision says so.
+* retrieval (only with --retrieval-metrics, the `trainer.evaluate_retrieval` output of the
+  candidate's PDR): PDR recall@200 >= --min-pdr-recall (default 0.0: off, since what a floor
+  means depends on the corpus size; random retrieval reaches 200 / corpus items) and >= the
+  content baseline's recall@200 on the same requests - --max-pdr-recall-below-content
+  (default 0.02). PDR fills most of the search call's candidates, so a PDR clearly worse than
+  the non-personalized cosine baseline is not released; the margin tolerates the sampling
+  noise of a small test split. Without the file the decision is the ranking checks alone.
 
 `record` writes the candidate's metrics beside a version the export step has just published,
-so the next run's gate compares with them. The served metrics come from that version's own
-evaluation run; when the data changed between runs, the two test sets differ too.
+so the next run's gate compares with them (`--name retrieval_metrics.json` for the retrieval
+metrics: kept for the record, the gate does not compare them with the served version's).
+The served metrics come from that version's own evaluation run; when the data changed between
+runs, the two test sets differ too.
 
 Paths may be local or any filesystem tf.io.gfile reaches (gs://).
 """
@@ -36,10 +46,16 @@ from typing import Dict, List, Optional, Tuple
 
 # Beside a served version, in the folder TF Serving reserves for extra files.
 SERVED_METRICS_PATH = os.path.join("assets.extra", "metrics.json")
+SERVED_RETRIEVAL_METRICS_NAME = "retrieval_metrics.json"
 SAVED_MODEL_FILE = "saved_model.pb"
 # gated metric of evaluate's metrics.json (model.tasks.<first task>.<key>) -> floor flag
 GATED_METRICS = {"gauc_request": "min_click_gauc", "auc": "min_click_auc"}
 DEFAULT_FLOOR = 0.55
+# retrieval check: trainer.evaluate_retrieval's retrieval_metrics.json, <source>.<metric>
+RETRIEVAL_METRIC = "recall@200"
+RETRIEVAL_SOURCE, RETRIEVAL_BASELINE = "pdr", "content"
+DEFAULT_MIN_PDR_RECALL = 0.0
+DEFAULT_MAX_PDR_RECALL_BELOW_CONTENT = 0.02
 _NUMERIC = re.compile(r"^\d+/?$")
 
 
@@ -84,10 +100,10 @@ def served_metrics(model_root: str) -> Tuple[Optional[int], Optional[Dict]]:
     return version, (read_json(path) if _gfile().exists(path) else None)
 
 
-def record(metrics: Dict, version_dir: str) -> str:
-    """Writes `metrics` to <version_dir>/assets.extra/metrics.json; returns the path."""
+def record(metrics: Dict, version_dir: str, name: str = "metrics.json") -> str:
+    """Writes `metrics` to <version_dir>/assets.extra/<name>; returns the path."""
     gfile = _gfile()
-    path = _join(version_dir, SERVED_METRICS_PATH)
+    path = _join(_join(version_dir, _parent(SERVED_METRICS_PATH)), name)
     gfile.makedirs(_parent(path))
     temporary = path + ".tmp"
     with gfile.GFile(temporary, "w") as f:
@@ -102,12 +118,38 @@ def _gated_values(metrics: Dict) -> Tuple[str, Dict[str, float]]:
     return task, {key: float(tasks[task].get(key, float("nan"))) for key in GATED_METRICS}
 
 
+def _retrieval_value(retrieval: Dict, source: str) -> float:
+    values = retrieval.get(source)
+    value = values.get(RETRIEVAL_METRIC) if isinstance(values, dict) else None
+    return float("nan") if value is None else float(value)
+
+
+def retrieval_checks(retrieval: Dict, min_pdr_recall: float = DEFAULT_MIN_PDR_RECALL,
+                     max_below_content: float = DEFAULT_MAX_PDR_RECALL_BELOW_CONTENT
+                     ) -> List[Dict]:
+    """The retrieval checks of a `trainer.evaluate_retrieval` retrieval_metrics.json: PDR
+    recall@200 against the floor and against the content baseline minus the margin."""
+    pdr = _retrieval_value(retrieval, RETRIEVAL_SOURCE)
+    content = _retrieval_value(retrieval, RETRIEVAL_BASELINE)
+    metric = f"{RETRIEVAL_SOURCE}_{RETRIEVAL_METRIC}"
+    floor = float(min_pdr_recall)
+    threshold = content - float(max_below_content)
+    return [{"metric": metric, "candidate": pdr, "against": "floor", "threshold": floor,
+             "passed": pdr >= floor},
+            {"metric": metric, "candidate": pdr,
+             "against": f"{RETRIEVAL_BASELINE} baseline - {float(max_below_content):g}",
+             "baseline": content, "threshold": threshold, "passed": pdr >= threshold}]
+
+
 def decide(candidate: Dict, floors: Dict[str, float], served: Optional[Dict] = None,
-           served_version: Optional[int] = None, min_gain_over_served: float = 0.0) -> Dict:
+           served_version: Optional[int] = None, min_gain_over_served: float = 0.0,
+           retrieval: Optional[Dict] = None, min_pdr_recall: float = DEFAULT_MIN_PDR_RECALL,
+           max_pdr_recall_below_content: float = DEFAULT_MAX_PDR_RECALL_BELOW_CONTENT) -> Dict:
     """The gate's decision: {"blessed", "baseline", "checks": [...], "reasons": [...]}.
 
     `floors`: GATED_METRICS flag name -> minimum; `served`: the served version's metrics.json
-    (None: floors only). NaN never passes."""
+    (None: floors only); `retrieval`: the candidate's retrieval_metrics.json (None: no
+    retrieval check). NaN never passes."""
     task, values = _gated_values(candidate)
     checks: List[Dict] = []
     reasons: List[str] = []
@@ -140,12 +182,17 @@ def decide(candidate: Dict, floors: Dict[str, float], served: Optional[Dict] = N
                                "against": f"version {served_version}",
                                "served": served_values[key], "threshold": threshold,
                                "passed": passed})
+    if retrieval is not None:
+        checks += retrieval_checks(retrieval, min_pdr_recall, max_pdr_recall_below_content)
     for check in checks:
         if not check["passed"]:
             reasons.append(f"{check['metric']} {check['candidate']:.4f} < {check['threshold']:.4f}"
                            f" ({check['against']})")
-    return {"blessed": not reasons, "baseline": baseline, "served_version": served_version,
-            "split": candidate.get("split"), "checks": checks, "reasons": reasons}
+    decision = {"blessed": not reasons, "baseline": baseline, "served_version": served_version,
+                "split": candidate.get("split"), "checks": checks, "reasons": reasons}
+    if retrieval is not None:
+        decision["retrieval_split"] = (retrieval.get("run") or {}).get("split")
+    return decision
 
 
 def summary_line(decision: Dict) -> str:
@@ -180,12 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     decide_cmd.add_argument("--min-gain-over-served", type=float, default=0.0,
                             help="how much each gated metric must exceed the served "
                                  "version's (default: 0.0, i.e. not worse)")
+    decide_cmd.add_argument("--retrieval-metrics", default=None,
+                            help="the candidate PDR's retrieval_metrics.json (python -m "
+                                 "trainer.evaluate_retrieval); adds the retrieval checks "
+                                 "(default: none)")
+    decide_cmd.add_argument("--min-pdr-recall", type=float, default=DEFAULT_MIN_PDR_RECALL,
+                            help=f"floor of PDR {RETRIEVAL_METRIC} (default: "
+                                 f"{DEFAULT_MIN_PDR_RECALL}, i.e. off)")
+    decide_cmd.add_argument("--max-pdr-recall-below-content", type=float,
+                            default=DEFAULT_MAX_PDR_RECALL_BELOW_CONTENT,
+                            help=f"how far PDR {RETRIEVAL_METRIC} may fall below the content "
+                                 f"baseline's (default: "
+                                 f"{DEFAULT_MAX_PDR_RECALL_BELOW_CONTENT})")
     decide_cmd.add_argument("--output", default=None,
                             help="also write the decision JSON to this file")
     record_cmd = commands.add_parser("record", help="write metrics beside a published version")
     record_cmd.add_argument("--metrics", required=True, help="metrics.json to record")
     record_cmd.add_argument("--version-dir", required=True,
                             help="the published version folder, B/<model-name>/<version>")
+    record_cmd.add_argument("--name", default="metrics.json",
+                            help="file name under <version-dir>/assets.extra (default: "
+                                 f"metrics.json; {SERVED_RETRIEVAL_METRICS_NAME} for the "
+                                 "retrieval metrics)")
     return parser
 
 
@@ -193,12 +256,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     candidate = read_json(args.metrics)
     if args.command == "record":
-        print(record(candidate, args.version_dir))
+        print(record(candidate, args.version_dir, args.name))
         return 0
     version, served = served_metrics(_join(args.model_base_path, args.model_name))
+    retrieval = read_json(args.retrieval_metrics) if args.retrieval_metrics else None
     decision = decide(candidate, {"min_click_gauc": args.min_click_gauc,
                                   "min_click_auc": args.min_click_auc},
-                      served, version, args.min_gain_over_served)
+                      served, version, args.min_gain_over_served, retrieval,
+                      args.min_pdr_recall, args.max_pdr_recall_below_content)
     text = json.dumps(decision, indent=2)
     if args.output:
         with _gfile().GFile(args.output, "w") as f:

@@ -1,7 +1,7 @@
 """Item-to-item table for QRCF retrieval (PR2, Kuaishou, arXiv 2409.11281), as a Beam pipeline.
 
     python -m preprocessing.item_to_item --data OUT [--window-hours 24] [--neighbours 50] \\
-        [--before-ms T] [--workers 2]
+        [--before-ms T] [--workers 2] [--output DIR]
 
 PR2's QRCF keeps the user's behaviours that are relevant to the query and fetches videos
 similar to them "by item-to-item similarity". The paper does not say which similarity; this
@@ -48,7 +48,9 @@ combiners.Top.PerKey(neighbours) -> JSON lines. The feature store is a local SQL
 this runs on the in-process runner (`--workers N` uses N processes); on a distributed runner the
 workers would need their own copy of the file.
 
-Output: OUT/item_to_item/ (common/item_to_item.py gives the layout and `read_item_to_item`).
+Output: OUT/item_to_item/, or --output DIR (e.g. a pipeline step's own output artifact, which
+must not write into its input); common/item_to_item.py gives the layout and
+`read_item_to_item`.
 """
 from __future__ import annotations
 
@@ -312,14 +314,19 @@ def _clear_old_table(directory: str) -> None:
 def build_item_to_item(data_dir: str, before_ms: int,
                        settings: ItemToItemSettings = ItemToItemSettings(),
                        beam_args: Sequence[str] = (), workers: int = 1, progress=print,
-                       cutoff_source: str = "argument") -> Dict[str, Any]:
-    """Builds OUT/item_to_item from OUT/feature_store.sqlite; returns the manifest."""
+                       cutoff_source: str = "argument", output_dir: Optional[str] = None
+                       ) -> Dict[str, Any]:
+    """Builds OUT/item_to_item (or `output_dir`) from OUT/feature_store.sqlite; returns the
+    manifest."""
     from preprocessing.options import pipeline_options
 
     started = time.time()
     store_path, users_path = _check_data_dir(data_dir)
     before_ms = int(before_ms)
-    out_dir = os.path.join(data_dir, table_format.ITEM_TO_ITEM_DIR)
+    out_dir = output_dir or os.path.join(data_dir, table_format.ITEM_TO_ITEM_DIR)
+    if os.path.realpath(out_dir) == os.path.realpath(data_dir):
+        raise InputError(f"the table's folder must not be the preprocessing output itself "
+                         f"({data_dir}): give another --output")
     os.makedirs(out_dir, exist_ok=True)
     _clear_old_table(out_dir)
     progress(f"[1/3] behaviours strictly before {_format_ms(before_ms)} (cutoff from "
@@ -386,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "behaviours in a preprocessing output's feature store: ItemCF-IUF weights "
                     "sim(i,j) = sum over users having i and j within the time window of "
                     "1/ln(1 + their distinct items), divided by sqrt(users of i * users of j); "
-                    "the top --neighbours per item are written to DATA/item_to_item/ "
+                    "the top --neighbours per item are written to DATA/item_to_item/ (or "
+                    "--output) "
                     "(manifest.json + part-*.jsonl, read by "
                     "common.item_to_item.read_item_to_item). Only behaviours strictly before "
                     "the cutoff are used: by default the eval split's start recorded by "
@@ -411,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "preprocessing run recorded none")
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes of the in-process runner")
+    p.add_argument("--output", default=None,
+                   help="write the table to this folder instead of DATA/item_to_item (readers "
+                        "take it as their item-to-item path, e.g. serving.search "
+                        "--item-to-item DIR)")
     return p
 
 
@@ -445,7 +457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if before_ms < 0:
             raise InputError(f"the cutoff must be >= 0 ms (got {before_ms} from {source})")
         build_item_to_item(args.data, before_ms, settings, beam_args, args.workers,
-                           progress=lambda msg: print(msg, flush=True), cutoff_source=source)
+                           progress=lambda msg: print(msg, flush=True), cutoff_source=source,
+                           output_dir=args.output)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

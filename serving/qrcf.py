@@ -252,17 +252,17 @@ class QRCFRetriever:
                                 else np.asarray(item_embeddings, np.float32))
 
     @classmethod
-    def from_preprocessing_output(cls, data_dir: str, config: QRCFConfig = QRCFConfig()
-                                  ) -> "QRCFRetriever":
-        """Opens DATA/feature_store.sqlite and DATA/item_to_item (built by
-        `python -m preprocessing.item_to_item --data DATA`)."""
+    def from_preprocessing_output(cls, data_dir: str, config: QRCFConfig = QRCFConfig(),
+                                  item_to_item: Optional[str] = None) -> "QRCFRetriever":
+        """Opens DATA/feature_store.sqlite and the table at `item_to_item` (default
+        DATA/item_to_item, built by `python -m preprocessing.item_to_item --data DATA`)."""
         import os
 
         from common.feature_store import FEATURE_STORE_FILE, SqliteFeatureStore
         from common.item_to_item import read_item_to_item
 
         return cls(SqliteFeatureStore(os.path.join(data_dir, FEATURE_STORE_FILE)),
-                   read_item_to_item(data_dir), config)
+                   read_item_to_item(item_to_item or data_dir), config)
 
     def retrieve(self, user_id: str, query_embedding, now_ms: int) -> QRCFResult:
         """QRCF for `user_id`'s behaviours strictly before `now_ms`."""

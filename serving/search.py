@@ -178,14 +178,16 @@ class Searcher:
 
     @classmethod
     def from_paths(cls, data_dir: str, base_path: str, stub, version: Optional[int] = None,
-                   config: SearchConfig = SearchConfig(), qrcf_config=None) -> "Searcher":
-        """Store and i2i table from DATA, PDR from B/pdr_query and B/pdr_index."""
+                   config: SearchConfig = SearchConfig(), qrcf_config=None,
+                   item_to_item: Optional[str] = None) -> "Searcher":
+        """Store from DATA, the i2i table from `item_to_item` (default DATA/item_to_item), PDR
+        from B/pdr_query and B/pdr_index."""
         from common.feature_store import FEATURE_STORE_FILE, SqliteFeatureStore
         from common.item_to_item import read_item_to_item
         from serving.qrcf import QRCFConfig, QRCFRetriever
 
         store = SqliteFeatureStore(os.path.join(data_dir, FEATURE_STORE_FILE))
-        qrcf = QRCFRetriever(store, read_item_to_item(data_dir),
+        qrcf = QRCFRetriever(store, read_item_to_item(item_to_item or data_dir),
                              qrcf_config or QRCFConfig(max_results=config.per_source))
         pdr = PDRRetriever.from_base_path(base_path, store.metadata(), version)
         return cls(store, stub, qrcf, pdr, config)
@@ -417,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--server", required=True, help="HOST:PORT of the gRPC model server (QIN)")
     p.add_argument("--data", required=True,
-                   help="preprocessing output: feature_store.sqlite and item_to_item/")
+                   help="preprocessing output: feature_store.sqlite (and item_to_item/)")
+    p.add_argument("--item-to-item", default=None,
+                   help="folder of the item-to-item table (python -m preprocessing.item_to_item "
+                        "--output DIR); default: DATA/item_to_item")
     p.add_argument("--base-path", required=True,
                    help="folder holding pdr_query/ and pdr_index/ (serving.export_retrieval)")
     p.add_argument("--version", type=int, default=None,
@@ -444,7 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = SearchConfig(candidates=args.candidates, quotas=json.loads(args.quotas),
                               per_source=max(args.candidates, 1), model_name=args.model_name)
         stub, channel = C.make_stub(args.server)
-        searcher = Searcher.from_paths(args.data, args.base_path, stub, args.version, config)
+        searcher = Searcher.from_paths(args.data, args.base_path, stub, args.version, config,
+                                       item_to_item=args.item_to_item)
         result = searcher.search(args.user, args.query, args.now_ms, args.k)
         channel.close()
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipelines import progress
 from pipelines.demo import build_parser, first_table
+from pipelines import explain as explain_module
 from pipelines.explain import distinct_drivers, explain
 
 # What kfp.local and the steps write for two tasks (colour codes included), with the noise.
@@ -150,6 +151,19 @@ def _result(notes=()):
                         {"content": SourceHit(1, 0.10)}, [], drivers[:1])]
     return SearchResult("u001", "cooking_1 zebra", now, True, items, list(notes),
                         {"candidates": 2}, {"total": 12.0}, 3)
+
+
+def test_qrcf_seeds_of_the_same_item_are_merged():
+    from serving.search import Seed
+
+    seeds = [Seed("a", 10.0, 0.8, 0.5), Seed("b", 20.0, 0.7, 0.4), Seed("a", 30.0, 0.8, 0.3)]
+    assert [(s.item_id, n) for s, n in explain_module.distinct_seeds(seeds)] == [("a", 2),
+                                                                                ("b", 1)]
+    result = _result()
+    result.items[0].qrcf_seeds = seeds
+    lines = explain(result, FakeStore(), {}).splitlines()
+    assert "     retrieved through a (query relevance 0.80, 2 views); b (query relevance 0.70)" \
+        in lines
 
 
 def test_drivers_of_the_same_item_are_merged():

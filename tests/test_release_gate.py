@@ -111,3 +111,79 @@ def test_cli_record_then_decide(tmp_path):
 
 def test_nan_never_passes():
     assert not G.decide(_metrics(float("nan"), 0.9), FLOORS)["blessed"]
+
+
+def _retrieval(pdr, content, split="test"):
+    """The shape of trainer.evaluate_retrieval's retrieval_metrics.json, as far as the gate
+    reads it."""
+    return {"pdr": {"recall@50": 0.1, "recall@200": pdr}, "content": {"recall@200": content},
+            "qrcf": {"recall@200": 0.3}, "run": {"split": split, "requests": 100}}
+
+
+def test_retrieval_check_compares_pdr_with_the_floor_and_the_content_baseline():
+    candidate = _metrics(0.60, 0.61)
+    without = G.decide(candidate, FLOORS)
+    assert without["blessed"] and len(without["checks"]) == 2  # no file: today's checks
+    assert "retrieval_split" not in without
+    better = G.decide(candidate, FLOORS, retrieval=_retrieval(0.67, 0.58))
+    assert better["blessed"] and better["retrieval_split"] == "test"
+    retrieval_checks = better["checks"][2:]
+    assert [c["metric"] for c in retrieval_checks] == ["pdr_recall@200"] * 2
+    assert retrieval_checks[1]["baseline"] == 0.58
+    assert abs(retrieval_checks[1]["threshold"] - (0.58 - 0.02)) < 1e-12
+    # within the default margin below the content baseline: still blessed
+    assert G.decide(candidate, FLOORS, retrieval=_retrieval(0.57, 0.58))["blessed"]
+    worse = G.decide(candidate, FLOORS, retrieval=_retrieval(0.50, 0.58))
+    assert not worse["blessed"]
+    assert worse["reasons"] == ["pdr_recall@200 0.5000 < 0.5600 (content baseline - 0.02)"]
+    # a margin of 0: PDR must not be below the baseline at all
+    assert not G.decide(candidate, FLOORS, retrieval=_retrieval(0.57, 0.58),
+                        max_pdr_recall_below_content=0.0)["blessed"]
+    floor = G.decide(candidate, FLOORS, retrieval=_retrieval(0.67, 0.58), min_pdr_recall=0.7)
+    assert floor["reasons"] == ["pdr_recall@200 0.6700 < 0.7000 (floor)"]
+    # a ranking failure and a retrieval failure are both reported
+    both = G.decide(_metrics(0.50, 0.61), FLOORS, retrieval=_retrieval(0.40, 0.58))
+    assert len(both["reasons"]) == 2
+    # a metrics file without PDR (or without the content row) never passes
+    assert not G.decide(candidate, FLOORS, retrieval={"content": {"recall@200": 0.5}})["blessed"]
+    assert not G.decide(candidate, FLOORS, retrieval={"pdr": {"recall@200": 0.5}})["blessed"]
+
+
+def test_cli_decide_with_retrieval_metrics_and_record_them(tmp_path, capsys):
+    root = tmp_path / "models"
+    candidate = tmp_path / "metrics.json"
+    candidate.write_text(json.dumps(_metrics(0.70, 0.70)))
+    retrieval = tmp_path / "retrieval_metrics.json"
+    base = ["decide", "--metrics", str(candidate), "--model-base-path", str(root),
+            "--retrieval-metrics", str(retrieval)]
+
+    def decide(*flags):
+        assert G.main(base + list(flags)) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out), err
+
+    retrieval.write_text(json.dumps(_retrieval(0.66, 0.60)))
+    decision, log = decide()
+    assert decision["blessed"] and "(content baseline - 0.02) -> PASS" in log
+    retrieval.write_text(json.dumps(_retrieval(0.55, 0.60)))
+    decision, _ = decide("--max-pdr-recall-below-content", "0.1")
+    assert decision["blessed"]
+    decision, _ = decide("--max-pdr-recall-below-content", "0.1", "--min-pdr-recall", "0.6")
+    assert not decision["blessed"] and decision["reasons"] == [
+        "pdr_recall@200 0.5500 < 0.6000 (floor)"]
+    # the command as the pipeline's release_gate step runs it
+    run = subprocess.run([sys.executable, "-m", "pipelines.release_gate"] + base,
+                         env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert not json.loads(run.stdout)["blessed"]
+    assert "-> FAIL; pdr_recall@200 0.5500 < 0.5800 (content baseline - 0.02)" in run.stderr
+
+    version_dir = _serve(str(root / "qin"), 1, _metrics(0.70, 0.70))
+    assert G.main(["record", "--metrics", str(retrieval), "--version-dir", version_dir,
+                   "--name", G.SERVED_RETRIEVAL_METRICS_NAME]) == 0
+    extra = os.path.join(version_dir, "assets.extra")
+    assert json.load(open(os.path.join(extra, "retrieval_metrics.json"))) == _retrieval(0.55,
+                                                                                         0.60)
+    # the ranking metrics recorded beside the version are untouched
+    assert G.served_metrics(str(root / "qin")) == (1, _metrics(0.70, 0.70))

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "optional QRCF eps sweep plot.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="preprocessing output (with item_to_item/)")
+    p.add_argument("--item-to-item", default=None,
+                   help="folder of the item-to-item table (default: DATA/item_to_item)")
     p.add_argument("--pdr-dir", required=True, help="trained PDR (trainer.pdr_task)")
     p.add_argument("--query-only-dir", default=None,
                    help="trained query-only dual encoder (PDRConfig use_user false)")
@@ -155,7 +157,7 @@ def run(args) -> Dict[str, Dict[str, float]]:
     lists["pdr"] = _source_lists(RM.top_k_by_score(
         requests["vectors"] @ pdr.corpus_vectors(indexed).T, indexed.item_index, k_max))
     overrides = json.loads(args.qrcf_config) if args.qrcf_config else {}
-    table = read_item_to_item(args.data)
+    table = read_item_to_item(args.item_to_item or args.data)
     qrcf_config = QRCFConfig(**{"max_results": k_max, **overrides})
     lists["qrcf"], qrcf_relevance = qrcf_lists(QRCFRetriever(store, table, qrcf_config),
                                                requests, k_max)
