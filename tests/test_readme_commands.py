@@ -45,7 +45,8 @@ SCALE_DOWN = {
     "trainer.report": ["--presets", "dnn", "--epochs", "1", "--batch-size", "32"],
     "pipelines.run_local": ["--users", "40", "--items", "400", "--requests", "500",
                             "--epochs", "1", "--batch-size", "32", "--preprocess-workers",
-                            "1", "--long-term-length", "100"],
+                            "1", "--long-term-length", "100", "--pdr-epochs", "1",
+                            "--retrieval-max-requests", "200"],
 }
 
 LONG_RUNNING = {"serving.model_server"}
