@@ -22,6 +22,11 @@ Conventions
 * Categories are NUM_CATEGORY_LEVELS indices per item (coarse to fine), flattened row-major.
 * Engagement is ENGAGEMENT_DIM floats per behaviour; what they mean depends on the input
   format and is recorded in metadata.json (`engagement_names`).
+* Candidates are stored in the order they were shown. When the input log keeps that order
+  (metadata.json `display_order`), each candidate also carries its 0-based display position
+  (`candidate_position`), read by the training loss only (a position-bias term, see
+  trainer/model.py); it is never a serving input (a server does not know a position before it
+  ranks) and an example without it parses as POSITION_UNKNOWN.
 """
 from __future__ import annotations
 
@@ -102,6 +107,16 @@ NUM_CANDIDATES = "num_candidates"
 CANDIDATE_ITEM = "candidate_item"
 CANDIDATE_AUTHOR = "candidate_author"
 CANDIDATE_CATEGORY = "candidate_category"  # [N * NUM_CATEGORY_LEVELS]
+CANDIDATE_POSITION = "candidate_position"  # 0-based display position as shown (training only)
+POSITION_UNKNOWN = -1  # the position of a candidate whose log does not keep the display order
+
+# How each input format keeps the order candidates were shown in (DatasetMetadata
+# `display_order_source`); every reader keeps the order it reads.
+DISPLAY_ORDER_SOURCES = {
+    "canonical": "requests.candidate_item_ids lists the candidates in the order shown",
+    "kuaisar": "src_inter.csv rows of a search session, in file order (the order shown)",
+    "jdsearch": "candidate_wid_list lists the products in the order shown",
+}
 
 # ---- behaviour sequences -------------------------------------------------------------------
 LONG_TERM = "long"  # full-site behaviours strictly before the request, up to long_term_length
@@ -139,6 +154,9 @@ class FeatureSpec:
     # ids: the DatasetMetadata field holding the vocabulary size (indices 1..size, 0 unknown)
     vocabulary: Optional[str] = None
     sequence: Optional[str] = None  # the behaviour sequence a sequence-level feature belongs to
+    # read by the training loss only (the display position): optional in examples (absent =
+    # `default` for every candidate), never a model/serving input (model_input=False)
+    training_only: bool = False
 
     def resolved_width(self, metadata: "DatasetMetadata") -> int:
         return metadata.embedding_dim if self.width == EMBEDDING_WIDTH else int(self.width)
@@ -170,6 +188,8 @@ CANDIDATE_SPECS = (
     FeatureSpec(CANDIDATE_AUTHOR, "int64", CANDIDATE_LEVEL, vocabulary="num_authors"),
     FeatureSpec(CANDIDATE_CATEGORY, "int64", CANDIDATE_LEVEL, width=NUM_CATEGORY_LEVELS,
                 vocabulary="num_categories"),
+    FeatureSpec(CANDIDATE_POSITION, "int64", CANDIDATE_LEVEL, default=POSITION_UNKNOWN,
+                model_input=False, training_only=True),
 )
 # One entry per field of a behaviour; each sequence of SEQUENCES has every field. Adding a
 # field here adds it to examples, parsing, the model's dense inputs, serving signatures, the
@@ -258,10 +278,24 @@ class DatasetMetadata:
     stage1_threshold: Optional[float] = None  # eps of mode stage1; None = no threshold
     engagement_names: Sequence[str] = ENGAGEMENT_NAMES["canonical"]
     has_true_probabilities: bool = False
+    # True when the log kept the order the candidates were shown in: examples then carry
+    # CANDIDATE_POSITION and the model may learn a position bias. `display_order_source` says
+    # where the order came from (DISPLAY_ORDER_SOURCES) or why it is unknown. Metadata written
+    # before this was recorded loads as False with an empty source: order not recorded.
+    display_order: bool = False
+    display_order_source: str = ""
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
         self.engagement_names = tuple(self.engagement_names)
+        if not isinstance(self.display_order, bool):
+            raise ValueError(f"display_order must be true or false, got {self.display_order!r}")
+        if not isinstance(self.display_order_source, str):
+            raise ValueError("display_order_source must be a string, got "
+                             f"{self.display_order_source!r}")
+        if self.display_order and not self.display_order_source:
+            raise ValueError("display_order is true but display_order_source does not say "
+                             "where the order was read from")
         if self.long_term_mode not in LONG_TERM_MODES:
             raise ValueError(f"long_term_mode {self.long_term_mode!r}: expected one of "
                              f"{LONG_TERM_MODES}")
@@ -425,6 +459,15 @@ def _flat(values) -> List:
     return np.asarray(values).reshape(-1).tolist()
 
 
+def _check_positions(values: List, n: int) -> None:
+    """Display positions of one request: one per candidate, non-negative, all different."""
+    if len(values) != n:
+        raise ValueError(f"{CANDIDATE_POSITION} has {len(values)} values, expected {n}")
+    if any(int(v) < 0 for v in values) or len(set(int(v) for v in values)) != n:
+        raise ValueError(f"{CANDIDATE_POSITION} must hold distinct non-negative display "
+                         f"positions, got {values[:10]}")
+
+
 def make_example(request: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASKS):
     """Builds the tf.train.Example of one search request with its candidates.
 
@@ -433,7 +476,8 @@ def make_example(request: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
     `long_item`, `long_engagement` ([len, ENGAGEMENT_DIM]) etc.; counts and lengths
     (query_length, num_candidates, long_length, ...) are derived from the lists, so they can
     never disagree with the data. Labels `label_<task>` are required for every task;
-    `prob_<task>` is optional. Raises ValueError naming the field when shapes are
+    `prob_<task>` is optional, and so is `candidate_position` (0-based display positions,
+    distinct; written only when given). Raises ValueError naming the field when shapes are
     inconsistent.
     """
     from tensorflow.core.example import example_pb2, feature_pb2
@@ -464,7 +508,11 @@ def make_example(request: Mapping[str, Any], tasks: Sequence[str] = DEFAULT_TASK
     n = len(_flat(request[CANDIDATE_ITEM]))
     f[NUM_CANDIDATES] = _feature_proto("int64", [n])
     for spec in CANDIDATE_SPECS:
+        if spec.training_only and len(_flat(request.get(spec.name, []))) == 0:
+            continue  # optional (the display position of a log without display order)
         values = _flat(request[spec.name])
+        if spec.name == CANDIDATE_POSITION:
+            _check_positions(values, n)
         if len(values) != n * int(spec.width):
             raise ValueError(f"{spec.name} has {len(values)} values, expected "
                              f"{n * int(spec.width)}")
@@ -509,6 +557,10 @@ def random_request(metadata: DatasetMetadata, rng, num_candidates: int,
     for spec in feature_specs(metadata, with_labels=True):
         if spec.name in request or spec.scalar and spec.vocabulary is None:
             continue  # bookkeeping ids and counts (make_example derives counts)
+        if spec.name == CANDIDATE_POSITION:
+            if metadata.display_order:  # shown in the order listed
+                request[spec.name] = np.arange(num_candidates, dtype=np.int64)
+            continue
         width = spec.resolved_width(metadata)
         if spec.level == LABEL_LEVEL:
             request[spec.name] = np.zeros(num_candidates, np.float32)
@@ -561,7 +613,8 @@ def densify(parsed: Mapping[str, Any], metadata: DatasetMetadata) -> Dict[str, A
     query_tokens [B, MAX_QUERY_TOKENS], candidate_item/author [B, N],
     candidate_category [B, N, NUM_CATEGORY_LEVELS], labels [B, N],
     long_item [B, L], long_category [B, L, LEVELS], long_engagement [B, L, ENGAGEMENT_DIM],
-    and likewise for rt_* with R. Padding is 0 and always accompanied by an explicit length.
+    and likewise for rt_* with R, candidate_position [B, N] (POSITION_UNKNOWN where an
+    example has none). Padding is 0 and always accompanied by an explicit length.
     """
     import tensorflow as tf
 
@@ -577,6 +630,11 @@ def densify(parsed: Mapping[str, Any], metadata: DatasetMetadata) -> Dict[str, A
             per_row = int(np.prod(dense.shape[2:], dtype=np.int64))
             flat = value.to_tensor(shape=[None, dense.shape[1] * per_row])
             out[name] = tf.reshape(flat, [-1] + dense.shape[1:]) if per_row > 1 else flat
+        elif name == CANDIDATE_POSITION:  # optional: absent or short rows -> unknown
+            width = tf.shape(parsed[CANDIDATE_ITEM].to_tensor())[1]
+            flat = value.to_tensor(default_value=POSITION_UNKNOWN)[:, :width]
+            out[name] = tf.pad(flat, [[0, 0], [0, width - tf.shape(flat)[1]]],
+                               constant_values=POSITION_UNKNOWN)
         else:  # candidate lists: as wide as the longest list of the batch
             flat = value.to_tensor()
             out[name] = (tf.reshape(flat, [tf.shape(flat)[0], -1] + dense.shape[2:])

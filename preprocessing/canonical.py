@@ -122,7 +122,9 @@ def validate(input_dir: str, embedding_dim: Optional[int] = None) -> Dict[str, A
                          "embedding dimension is unknown; pass --embedding-dim or fix the file")
     return {"embedding_dim": int(dim), "has_true_probabilities": has_true,
             "has_query_vocab": has_vocab, "tasks": tasks,
-            "engagement_names": F.ENGAGEMENT_NAMES[FORMAT]}
+            "engagement_names": F.ENGAGEMENT_NAMES[FORMAT],
+            # candidate_item_ids is documented as the order shown (metadata.json records it)
+            "display_order": True, "display_order_source": F.DISPLAY_ORDER_SOURCES[FORMAT]}
 
 
 def read_query_vocab(input_dir: str) -> Optional[Dict[str, Any]]:

@@ -31,6 +31,8 @@ search request and the history before it:
   BASE_TIME_MS in units of TIME_UNIT_MS (the gaps are seconds): behaviour i happens at
   BASE_TIME_MS + sum(gaps[:i+1]) * TIME_UNIT_MS and the request at BASE + sum(all gaps) * unit.
   The dataset has no absolute clock, so every user's history starts at the same instant.
+* candidates keep the order of candidate_wid_list, the order they were shown in (their
+  display positions 0, 1, ... go into the examples; metadata.json records display_order).
 * candidates and graded labels 0/1/2/3 -> tasks JDSEARCH_TASKS: click (>= 1), cart (>= 2),
   purchase (== 3). Candidates with label >= 1 also become SEARCH behaviours at the request
   time (engagement by label: 1 CLICK, 2 CART, 3 ORD), like search clicks in the canonical
@@ -334,9 +336,10 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
     before the eval cutoff (module docstring).
 
     Returns the keyword arguments of ReadJDsearch: `text_encoder`, `query_vocab`, `tasks`,
-    `engagement_names`, `text_tower_stats` (with the held-out counts and the cutoffs; also
-    written with text_encoder.npz into work_dir when given). Options (dict or argparse
-    namespace) are read as in TextTowerConfig.from_options and
+    `engagement_names`, `display_order` / `display_order_source` (the list order of
+    candidate_wid_list is the order shown), `text_tower_stats` (with the held-out counts and
+    the cutoffs; also written with text_encoder.npz into work_dir when given). Options (dict
+    or argparse namespace) are read as in TextTowerConfig.from_options and
     preprocessing.splits.split_fractions.
     """
     from preprocessing.text_embeddings import TextTowerConfig, train_text_encoder
@@ -348,7 +351,8 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
     return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,
-            "engagement_names": ENGAGEMENT_NAMES, "text_tower_stats": stats}
+            "engagement_names": ENGAGEMENT_NAMES, "text_tower_stats": stats,
+            "display_order": True, "display_order_source": F.DISPLAY_ORDER_SOURCES[FORMAT]}
 
 
 # ---- Beam ------------------------------------------------------------------------------------
@@ -429,7 +433,8 @@ class ReadJDsearch(beam.PTransform):
     """
 
     def __init__(self, input_dir: str, text_encoder=None, query_vocab=None, tasks=TASKS,
-                 engagement_names=ENGAGEMENT_NAMES, text_tower_stats=None, files=None):
+                 engagement_names=ENGAGEMENT_NAMES, text_tower_stats=None, files=None,
+                 display_order=True, display_order_source=None):
         super().__init__()
         self.input_dir = input_dir
         self.encoder = text_encoder

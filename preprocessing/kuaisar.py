@@ -24,14 +24,21 @@ Input files (CSV with a header; columns are found by name, extra columns are ign
                      slots are taken; with zero engagement it would read as a watched item.
                      An empty click value is a dead letter (`missing_click`).
   src_inter.csv      one row per item shown in a search session. Rows are grouped by
-                     search_session_id into one RequestRecord: candidates = the shown items
-                     (sorted by item id: the file has no position column; an item shown twice
-                     is one candidate, clicked if any row was clicked), label click =
-                     click_cnt > 0, query tokens = keyword. Each clicked item also becomes a
-                     BehaviourRecord(source=SEARCH) at the session time with engagement all
-                     zero (the search log has no watch time or like of the result). A session
-                     id whose rows disagree on user, time or keyword becomes one request per
-                     (user, time, keyword), with ids `<session>#<k>` (counted).
+                     search_session_id into one RequestRecord: candidates = the shown items in
+                     the order of their rows in the file, which is the order they were shown
+                     (the file has no position column; a session's rows appear in display
+                     order). Beam reads the file in parallel bundles and groups rows in no
+                     particular order, so every row carries its byte offset in the file
+                     (`ReadLinesWithOffsets`) and a session's rows are sorted by it; a
+                     candidate's display position is the rank of its row among its request's
+                     rows (0-based). An item shown twice is one candidate at its first position,
+                     clicked if any row was clicked (its later slot stays a gap in the
+                     positions). Label click = click_cnt > 0, query tokens = keyword. Each
+                     clicked item also becomes a BehaviourRecord(source=SEARCH) at the session
+                     time with engagement all zero (the search log has no watch time or like of
+                     the result). A session id whose rows disagree on user, time or keyword
+                     becomes one request per (user, time, keyword), with ids `<session>#<k>`
+                     (counted); each keeps the display order of its own rows.
   item_features.csv  -> ItemRecord(author_id, categories = ("1:<first level id>",
                      "2:<second level id>"): the level prefix keeps equal ids of two levels apart),
                      tokens = caption token ids, embedding = text embedding of the caption)
@@ -59,6 +66,7 @@ import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam.io import filebasedsource
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -316,10 +324,11 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
 
     Returns the keyword arguments of ReadKuaiSAR: `text_encoder` (TextEncoder),
     `query_vocab` (token_id, word, embedding columns for the feature store), `tasks`,
-    `engagement_names` and `text_tower_stats` (which also records the held-out counts and the
-    cutoffs). Writes text_encoder.npz and text_tower_stats.json into work_dir when given.
-    Options (dict or argparse namespace) are read as in TextTowerConfig.from_options and
-    preprocessing.splits.split_fractions.
+    `engagement_names`, `display_order` / `display_order_source` (src_inter's row order
+    within a session is the order shown) and `text_tower_stats` (which also records the
+    held-out counts and the cutoffs). Writes text_encoder.npz and text_tower_stats.json into
+    work_dir when given. Options (dict or argparse namespace) are read as in
+    TextTowerConfig.from_options and preprocessing.splits.split_fractions.
     """
     from preprocessing.text_embeddings import TextTowerConfig, train_text_encoder
 
@@ -330,7 +339,8 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
     return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,
-            "engagement_names": ENGAGEMENT_NAMES, "text_tower_stats": stats}
+            "engagement_names": ENGAGEMENT_NAMES, "text_tower_stats": stats,
+            "display_order": True, "display_order_source": F.DISPLAY_ORDER_SOURCES[FORMAT]}
 
 
 def _save_prepared(work_dir, encoder, stats) -> None:
@@ -345,13 +355,62 @@ def _save_prepared(work_dir, encoder, stats) -> None:
 
 
 # ---- Beam DoFns ------------------------------------------------------------------------------
+class _LinesWithOffsetsSource(filebasedsource.FileBasedSource):
+    """Lines of text files as (file name, byte offset of the line, raw line without its
+    newline), the first `skip_header_lines` lines of each file left out. Splittable like
+    ReadFromText (uncompressed files): a line belongs to the bundle whose range holds its first
+    byte, so every line is read exactly once whatever the split."""
+
+    def __init__(self, file_pattern: str, skip_header_lines: int = 1, min_bundle_size: int = 0):
+        super().__init__(file_pattern, min_bundle_size=min_bundle_size)
+        self.skip_header_lines = skip_header_lines
+
+    def read_records(self, file_name, range_tracker):
+        start = range_tracker.start_position()
+        with self.open_file(file_name) as f:
+            position = 0
+            for _ in range(self.skip_header_lines):
+                position += len(f.readline())
+            if start > position:  # the line holding byte start - 1 belongs to the range before
+                f.seek(start - 1)
+                position = start - 1 + len(f.readline())
+            while range_tracker.try_claim(position):
+                raw = f.readline()
+                if not raw:
+                    return
+                offset, position = position, position + len(raw)
+                raw = raw[:-1] if raw.endswith(b"\n") else raw
+                yield file_name, offset, raw[:-1] if raw.endswith(b"\r") else raw
+
+
+class ReadLinesWithOffsets(beam.PTransform):
+    """Text file(s) -> (file name, byte offset, raw line bytes): the lines of ReadFromText
+    (header skipped) with where they were in the file, so a later step can restore the file's
+    row order after Beam's parallel reads and shuffles."""
+
+    def __init__(self, file_pattern: str, skip_header_lines: int = 1, min_bundle_size: int = 0):
+        super().__init__()
+        self.source = _LinesWithOffsetsSource(file_pattern, skip_header_lines, min_bundle_size)
+
+    def expand(self, pbegin):
+        return pbegin | beam.io.Read(self.source)
+
+
 class ParseCsvRows(beam.DoFn):
-    """CSV line -> dict by header name; wrong field counts go to the dead letters."""
+    """CSV line -> (dict by header name, line); wrong field counts go to the dead letters.
 
-    def __init__(self, source: str, header: Sequence[str]):
-        self.source, self.header = source, list(header)
+    With `with_order`, the input is (file name, byte offset, raw line) from
+    ReadLinesWithOffsets and the output (dict, line, (file name, offset)).
+    """
 
-    def process(self, raw: bytes):
+    def __init__(self, source: str, header: Sequence[str], with_order: bool = False):
+        self.source, self.header, self.with_order = source, list(header), with_order
+
+    def process(self, raw):
+        order = None
+        if self.with_order:
+            file_name, offset, raw = raw
+            order = (file_name, offset)
         try:
             parsed = split_csv_line(raw, self.header)
         except ValueError as e:
@@ -361,7 +420,7 @@ class ParseCsvRows(beam.DoFn):
         if parsed is None:
             _counter(f"{self.source}:blank_lines").inc()
             return
-        yield parsed
+        yield parsed + (order,) if self.with_order else parsed
 
 
 class ParseFeedAction(beam.DoFn):
@@ -403,20 +462,25 @@ class ParseFeedAction(beam.DoFn):
 
 
 class ParseSearchRow(beam.DoFn):
-    """src_inter row -> (session id, (user, timestamp, keyword tokens, item, clicked))."""
+    """(src_inter row, line, row order) -> (session id, (row order, user, timestamp, keyword
+    tokens, item, clicked)); the row order is (file name, byte offset of the row)."""
 
     def process(self, element):
-        row, line = element
+        row, line, order = element
         try:
-            parsed = parse_search_row(row)
+            session, values = parse_search_row(row)
         except ValueError as e:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(SRC_INTER, str(e), line))
             return
-        yield parsed
+        yield session, (order,) + values
 
 
 class BuildSearchRequests(beam.DoFn):
-    """One search session -> RequestRecord(s) + SEARCH behaviours for its clicked items."""
+    """One search session -> RequestRecord(s) + SEARCH behaviours for its clicked items.
+
+    Rows arrive in any order (parallel reads, GroupByKey); they are put back in file order by
+    their row order key, which is the order the items were shown in (module docstring).
+    """
 
     BEHAVIOURS = "search_behaviours"
 
@@ -425,19 +489,28 @@ class BuildSearchRequests(beam.DoFn):
 
     def process(self, element):
         session, rows = element
-        groups: Dict[Tuple[str, int, Tuple[int, ...]], Dict[str, float]] = {}
-        for user, timestamp, keyword, item, clicked in rows:
-            shown = groups.setdefault((user, timestamp, keyword), {})
+        # key -> {item: [display position, clicked]}, items in the order first shown
+        groups: Dict[Tuple[str, int, Tuple[int, ...]], Dict[str, List]] = {}
+        shown_rows: Dict[Tuple[str, int, Tuple[int, ...]], int] = {}
+        for _, user, timestamp, keyword, item, clicked in sorted(rows, key=lambda r: r[0]):
+            key = (user, timestamp, keyword)
+            shown = groups.setdefault(key, {})
+            position = shown_rows[key] = shown_rows.get(key, -1) + 1
             if item in shown:
                 _counter("duplicate_candidates_merged").inc()
-            shown[item] = max(shown.get(item, 0.0), clicked)
+                shown[item][1] = max(shown[item][1], clicked)
+            else:
+                shown[item] = [position, clicked]
         if len(groups) > 1:
             _counter("sessions_split").inc()
         zero_engagement = (0.0,) * F.ENGAGEMENT_DIM
         for k, key in enumerate(sorted(groups)):
             user, timestamp, keyword = key
-            items = sorted(groups[key])
-            clicks = [groups[key][i] for i in items]
+            items = list(groups[key])  # display order
+            clicks = [groups[key][i][1] for i in items]
+            positions = tuple(groups[key][i][0] for i in items)
+            if positions == tuple(range(len(items))):
+                positions = None  # the list index is the display position
             embedding = None
             if self.encoder is not None:
                 embedding = self.encoder.encode_query(keyword)
@@ -448,7 +521,7 @@ class BuildSearchRequests(beam.DoFn):
             if any(clicks):
                 _counter("requests_with_click").inc()
             yield RequestRecord(request_id, user, timestamp, keyword, embedding, tuple(items),
-                                {"click": clicks})
+                                {"click": clicks}, candidate_positions=positions)
             for item, clicked in zip(items, clicks):
                 if clicked:
                     yield beam.pvalue.TaggedOutput(self.BEHAVIOURS, BehaviourRecord(
@@ -564,19 +637,25 @@ class ReadKuaiSAR(beam.PTransform):
     """
 
     def __init__(self, input_dir: str, text_encoder=None, query_vocab=None, tasks=TASKS,
-                 engagement_names=ENGAGEMENT_NAMES, text_tower_stats=None, headers=None):
+                 engagement_names=ENGAGEMENT_NAMES, text_tower_stats=None, headers=None,
+                 display_order=True, display_order_source=None, min_bundle_size: int = 0):
         super().__init__()
         self.input_dir = input_dir
         self.encoder = text_encoder
         self.headers = headers or validate(input_dir)
+        self.min_bundle_size = min_bundle_size  # tests: small bundles split the files
 
-    def _rows(self, pbegin, name: str):
+    def _rows(self, pbegin, name: str, with_order: bool = False):
+        """Parsed rows of one file; `with_order` adds each row's place in the file."""
         label = name.split(".")[0]
+        path = os.path.join(self.input_dir, name)
+        read = (ReadLinesWithOffsets(path, 1, self.min_bundle_size) if with_order else
+                beam.io.ReadFromText(path, skip_header_lines=1, coder=beam.coders.BytesCoder(),
+                                     min_bundle_size=self.min_bundle_size))
         return (pbegin
-                | f"Read_{label}" >> beam.io.ReadFromText(os.path.join(self.input_dir, name),
-                                                          skip_header_lines=1,
-                                                          coder=beam.coders.BytesCoder())
-                | f"Split_{label}" >> beam.ParDo(ParseCsvRows(name, self.headers[name]))
+                | f"Read_{label}" >> read
+                | f"Split_{label}" >> beam.ParDo(ParseCsvRows(name, self.headers[name],
+                                                              with_order=with_order))
                 .with_outputs(DEAD_LETTER, main="rows"))
 
     def expand(self, pbegin):
@@ -584,7 +663,7 @@ class ReadKuaiSAR(beam.PTransform):
         rec = self._rows(pbegin, REC_INTER)
         feed = rec.rows | "ParseFeedActions" >> beam.ParDo(ParseFeedAction()).with_outputs(
             DEAD_LETTER, main="behaviours")
-        src = self._rows(pbegin, SRC_INTER)
+        src = self._rows(pbegin, SRC_INTER, with_order=True)
         search = src.rows | "ParseSearchRows" >> beam.ParDo(ParseSearchRow()).with_outputs(
             DEAD_LETTER, main="rows")
         sessions = (search.rows | "GroupSessions" >> beam.GroupByKey()

@@ -112,7 +112,10 @@ def core_config(args: argparse.Namespace, prepared: Dict[str, Any]) -> PipelineC
         long_term_mode=args.long_term_mode, stage1_k=int(args.stage1_k) if stage1 else None,
         stage1_threshold=args.stage1_threshold if stage1 else None,
         engagement_names=tuple(prepared["engagement_names"]),
-        has_true_probabilities=bool(prepared.get("has_true_probabilities", False)))
+        has_true_probabilities=bool(prepared.get("has_true_probabilities", False)),
+        display_order=bool(prepared.get("display_order", False)),
+        display_order_source=str(prepared.get("display_order_source", "")
+                                 or "the reader does not record the display order"))
     return PipelineConfig(
         metadata=metadata, eval_fraction=float(args.eval_fraction),
         test_fraction=float(args.test_fraction),
@@ -261,12 +264,24 @@ def _query_embedding(request, config) -> Optional[Tuple[float, ...]]:
     return tuple(normalised_mean(np.asarray(known, np.float32)).tolist())
 
 
+def _valid_positions(positions, n: int) -> bool:
+    """None (the list order is the display order) or n distinct non-negative positions."""
+    if positions is None:
+        return True
+    try:
+        values = [int(p) for p in positions]
+    except (TypeError, ValueError):
+        return False
+    return len(values) == n and min(values, default=0) >= 0 and len(set(values)) == n
+
+
 class ResolveRequests(beam.DoFn):
     """(request_id, [RequestRecord]) -> (user_id, resolved request dict) or rejects.
 
     Unknown candidates are removed one by one (each a dead letter); candidates beyond
     max_candidates are truncated (counted); a request whose own fields are unusable is
-    rejected whole."""
+    rejected whole. When the data keeps the display order, every kept candidate carries the
+    position it was shown at (removed candidates leave gaps: positions are never renumbered)."""
 
     def __init__(self, config):
         self.config = config
@@ -305,6 +320,8 @@ class ResolveRequests(beam.DoFn):
                 not r.true_probabilities
                 or any(len(r.true_probabilities.get(t, ())) != n for t in cfg.metadata.tasks)):
             reason = "label_length_mismatch"
+        elif cfg.metadata.display_order and not _valid_positions(r.candidate_positions, n):
+            reason = "bad_candidate_positions"
         if reason:
             yield _dead("requests", reason, r)
             yield _stat(f"requests_rejected/{reason}")
@@ -334,6 +351,9 @@ class ResolveRequests(beam.DoFn):
             F.CANDIDATE_AUTHOR: [row[1] for row in rows],
             F.CANDIDATE_CATEGORY: [list(row[2]) for row in rows],
         }
+        if cfg.metadata.display_order:  # where each kept candidate was shown (gaps remain)
+            shown = r.candidate_positions if r.candidate_positions is not None else range(n)
+            resolved[F.CANDIDATE_POSITION] = [int(shown[p]) for p in keep]
         for task in cfg.metadata.tasks:
             resolved[F.label_feature(task)] = [float(r.labels[task][p]) for p in keep]
             if cfg.metadata.has_true_probabilities:
@@ -541,7 +561,9 @@ def prepare_input(args: argparse.Namespace, work_dir: str) -> Dict[str, Any]:
             "tasks": prepared.get("tasks", F.TASKS_BY_FORMAT[args.input_format]),
             "engagement_names": prepared.get("engagement_names",
                                              F.ENGAGEMENT_NAMES[args.input_format]),
-            "has_true_probabilities": False, "reader_kwargs": prepared}
+            "has_true_probabilities": False, "reader_kwargs": prepared,
+            "display_order": bool(prepared.get("display_order", False)),
+            "display_order_source": prepared.get("display_order_source", "")}
 
 
 def _read_lines(pattern: str) -> Iterable[str]:
@@ -594,6 +616,8 @@ def finish(output: str, config: PipelineConfig, prepared: Dict[str, Any],
     stats.update({"items": metadata.num_items, "users": metadata.num_users,
                   "authors": metadata.num_authors, "categories": metadata.num_categories,
                   "long_term_mode": metadata.long_term_mode,
+                  "display_order": metadata.display_order,
+                  "display_order_source": metadata.display_order_source,
                   "split_rule": "by request timestamp: latest test_fraction -> test, the "
                                 "preceding eval_fraction -> eval (ties share a split)",
                   "eval_fraction": config.eval_fraction,

@@ -11,6 +11,10 @@ PCollections with these keys:
 
 The core pipeline (preprocessing/pipeline.py) builds vocabularies, joins each request with its
 user's behaviours strictly before the request time, splits by time and writes TFRecords.
+
+Every reader lists a request's candidates in the order they were shown when its log keeps that
+order, and says so in `prepare`'s result (`display_order`, `display_order_source`, recorded in
+metadata.json); the core then writes each candidate's display position.
 """
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -45,6 +49,10 @@ class RequestRecord(NamedTuple):
     candidate_item_ids: Tuple[str, ...]
     labels: Dict[str, List[float]]  # task -> per-candidate 0/1 label
     true_probabilities: Optional[Dict[str, List[float]]] = None  # generated data only
+    # 0-based position each candidate was shown at, when the log keeps the display order and
+    # candidate_item_ids is not simply that order (e.g. a merged duplicate leaves a gap);
+    # None: the list index (the reader lists the candidates in the order shown)
+    candidate_positions: Optional[Tuple[int, ...]] = None
 
 
 class DeadLetter(NamedTuple):

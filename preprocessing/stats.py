@@ -113,6 +113,11 @@ def format_summary(stats: Mapping[str, Any]) -> str:
         if d.get("count"):
             lines.append(f"{name} sequence length: min {d['min']} mean {d['mean']:.1f} "
                          f"p50 {d['p50']} p90 {d['p90']} p99 {d['p99']} max {d['max']}")
+    if "display_order" in stats:
+        lines.append("display order: " + (
+            f"kept, candidates carry their shown position ({stats.get('display_order_source')})"
+            if stats["display_order"] else
+            f"NOT known ({stats.get('display_order_source')}): no position-bias term"))
     total_dead = sum(stats["dead_letters"].values())
     lines.append(f"dead letters {total_dead}" + (
         f": {stats['dead_letters']}" if total_dead else ""))

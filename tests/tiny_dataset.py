@@ -4,7 +4,10 @@
 topic and resembles the user's deep-engaged long-term behaviours), so a model can learn it.
 With `tasks=F.WATCH_TIME_TASKS` clicked candidates also get a play time (duration of the item
 times a uniform watch ratio in [0.2, 1.0]) and the true expected play time; those draws come
-from their own stream, so the other features do not change.
+from their own stream, so the other features do not change. With `position_effect` the data
+keeps the display order (metadata `display_order`, candidates shown in list order with their
+positions) and the click logit falls by `position_effect` per position shown lower (the
+random draws are the same).
 """
 import os
 
@@ -15,7 +18,7 @@ from common import features as F
 
 def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60, embedding_dim=8,
                        long_term_length=40, real_time_length=10, seed=0,
-                       tasks=F.DEFAULT_TASKS):
+                       tasks=F.DEFAULT_TASKS, position_effect=None):
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
@@ -28,7 +31,10 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                            num_categories=topics * 2, num_users=20, query_token_buckets=50,
                            profile_buckets=20, long_term_length=long_term_length,
                            real_time_length=real_time_length, max_candidates=12,
-                           has_true_probabilities=True, tasks=tuple(tasks))
+                           has_true_probabilities=True, tasks=tuple(tasks),
+                           display_order=position_effect is not None,
+                           display_order_source="" if position_effect is None else
+                           "tests.tiny_dataset: list order, planted position effect")
     watch_rng = np.random.default_rng(seed + 1)
     duration = watch_rng.uniform(5.0, 60.0, num_items + 1)
     os.makedirs(os.path.join(directory, F.VOCAB_DIR), exist_ok=True)
@@ -75,6 +81,9 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                 liked_topics = set(item_topic[long_items[deep]].tolist())
                 logit = (-1.5 + 1.5 * (item_topic[cands] == topic)
                          + 1.5 * np.isin(item_topic[cands], list(liked_topics)))
+                if position_effect is not None:
+                    r[F.CANDIDATE_POSITION] = np.arange(n)
+                    logit = logit - position_effect * np.arange(n)
                 p = 1 / (1 + np.exp(-logit))
                 click = rng.random(n) < p
                 for task, prob in zip(F.binary_tasks(md.tasks), (p, p * 0.5, p * 0.2)):

@@ -43,6 +43,17 @@ the expected play time per impression E[T] in seconds, learned by
   the odds then estimate E[T / s] / P(T = 0), so E[T] = s * exp(logit) * (1 - p_click).
 
 s = ``watch_time_scale_s`` keeps the watch-time loss on the scale of the binary ones.
+
+Position bias (``position_bias``, default on; PAL, Guo et al. RecSys 2019, and the "shallow
+tower" of Zhao et al., "Recommending What Video to Watch Next", RecSys 2019): when the data
+keeps the order candidates were shown in (metadata.json ``display_order``), training adds to
+every task's logit a learned bias of the candidate's display position, clipped to
+``position_buckets - 1`` (bias(p) = b[min(p, buckets - 1)] - b[0], so position 0 has none). The
+model's outputs, evaluation, calibration and every serving signature score without it, i.e. at
+position 0: servers rank before any position exists, and a term that is the same for every
+candidate of a request could not change the ranking anyway. Data without display order, or
+``position_bias: false``, builds no position weights (the model is exactly the one without the
+term); a model_config.json saved before the option existed loads with it off.
 """
 from __future__ import annotations
 
@@ -93,6 +104,9 @@ class ModelConfig:
     score_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     watch_time_loss: str = "poisson"  # see the module docstring
     watch_time_scale_s: float = 10.0  # seconds: the unit of the watch-time loss
+    # ---- position bias (see the module docstring) ----
+    position_bias: bool = True  # used only when the data keeps the display order
+    position_buckets: int = 20  # positions 0 .. buckets - 2 each, the rest share the last
     seed: int = 0
 
     # ---- validation --------------------------------------------------------------------------
@@ -126,6 +140,10 @@ class ModelConfig:
         if self.attention_units % self.num_heads or self.hidden_units % self.num_heads:
             fail(f"attention_units ({self.attention_units}) and hidden_units "
                  f"({self.hidden_units}) must be divisible by num_heads ({self.num_heads})")
+        if not isinstance(self.position_bias, bool):
+            fail(f"position_bias must be true or false (got {self.position_bias!r})")
+        if self.position_buckets < 2:
+            fail(f"position_buckets must be >= 2 (got {self.position_buckets})")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"dropout must be in [0, 1) (got {self.dropout})")
         for name in ("task_loss_weights", "score_weights"):
@@ -245,7 +263,10 @@ class ModelConfig:
             raise FileNotFoundError(f"{path} not found: is this a model directory written by "
                                     f"`python -m trainer.task`?")
         with tf.io.gfile.GFile(path) as f:
-            return cls.from_json(f.read())
+            raw = _parse_json_object(f.read(), "model config")
+        # a model saved before the position-bias term existed was trained without it
+        raw.setdefault("position_bias", False)
+        return cls.from_dict(raw)
 
 
 def _parse_json_object(text: str, what: str) -> Dict:

@@ -25,6 +25,11 @@ with masked AUC metrics `<task>_auc`. Watch time (`common.features.WATCH_TIME`, 
 has it): the output is the expected play time per impression in seconds, learned by Poisson
 regression or YouTube's weighted logistic regression (`ModelConfig.watch_time_loss`).
 
+Position bias (data that keeps the display order, `ModelConfig.position_bias`): the loss adds
+a learned per-task logit of each candidate's display position (`training_logits`); `call` and
+so evaluation, calibration and serving never add it (scored at position 0, which has bias 0), and
+no position input is needed to serve. Without display order no position weights exist.
+
 Every head's output then passes through `trainer.calibration.CalibrationLayer`, the identity
 until `python -m trainer.objectives` fits it on eval; the fused score is computed from the
 calibrated outputs with the weights of the config, or the tuned ones stored with the model
@@ -102,6 +107,14 @@ class RankingModel(tfrs.models.Model):
                          name="mmoe")
         self.ranking_tasks = {task: self._ranking_task(task) for task in self.tasks}
         self.calibration = CalibrationLayer(self.tasks, dtype="float32", name="calibration")
+        # training only, and only when the data keeps the display order: no weights otherwise
+        self.uses_position_bias = bool(c.position_bias and metadata.display_order)
+        self.position_bias = (tf.keras.layers.Embedding(
+            c.position_buckets, len(self.tasks), embeddings_initializer="zeros",
+            dtype="float32", name="position_bias") if self.uses_position_bias else None)
+        if self.position_bias is not None:
+            # built now: `call` never reads it, and a restore must find its variable
+            self.position_bias.build((None,))
         # a tracked metric: fit() resets it at every epoch start (see train_step)
         self.epoch_loss = tf.keras.metrics.Mean(name="epoch_loss")
 
@@ -295,8 +308,33 @@ class RankingModel(tfrs.models.Model):
         return tf.exp(tf.add_n(logs))
 
     def call(self, features, training=False):
+        """Outputs as served: without the position-bias term (scored at position 0)."""
         outputs, _ = self._forward(features, training=training)
         return outputs
+
+    def position_logits(self, features):
+        """{task: [B, N] float32} bias of each candidate's display position, 0 at position 0
+        and where the position is unknown (POSITION_UNKNOWN or no position feature); None when
+        the model has no position-bias term."""
+        if self.position_bias is None:
+            return None
+        if F.CANDIDATE_POSITION not in features:
+            return None
+        position = tf.cast(features[F.CANDIDATE_POSITION], tf.int32)
+        known = position >= 0
+        bucket = tf.clip_by_value(position, 0, self.config.position_buckets - 1)
+        bias = self.position_bias(bucket) - self.position_bias(tf.zeros_like(bucket))
+        bias = tf.where(known[..., tf.newaxis], bias, 0.0)  # [B, N, tasks]
+        return {task: bias[..., k] for k, task in enumerate(self.tasks)}
+
+    def training_logits(self, features, training=False):
+        """Head logits the loss sees: the served model's plus, when the data keeps the display
+        order, the learned bias of each candidate's position (trainer.config docstring)."""
+        _, logits = self._forward(features, training=training)
+        bias = self.position_logits(features)
+        if bias is None:
+            return logits
+        return {task: logits[task] + bias[task] for task in self.tasks}
 
     # ---- loss and training step -------------------------------------------------------------
     def compute_loss(self, features, training=False):
@@ -305,7 +343,7 @@ class RankingModel(tfrs.models.Model):
         missing = [F.label_feature(t) for t in self.tasks if F.label_feature(t) not in features]
         if missing:
             raise ValueError(f"batch has no labels {missing}: parse with with_labels=True")
-        _, logits = self._forward(features, training=training)
+        logits = self.training_logits(features, training=training)
         mask = tf.reshape(tf.cast(F.candidate_mask(features), tf.float32), [-1])
         num_valid = tf.maximum(tf.reduce_sum(mask), 1.0)
         total = 0.0
