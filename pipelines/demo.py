@@ -25,6 +25,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -235,8 +236,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     pdr_dir = os.path.join(_task_dir(run_dir, "train-pdr"), "pdr_model")
     retrieval_json = os.path.join(_task_dir(run_dir, "evaluate-retrieval"), "metrics.json")
     evaluate_dir = _task_dir(run_dir, "evaluate")
-    metrics_table = os.path.join(evaluate_dir, "report")
-    metrics_json = os.path.join(evaluate_dir, "metrics.json")
+    # KFP names an output artifact's file after the output ("report", no extension); the
+    # reader gets copies named for what they are, beside the demo's other outputs.
+    evaluation = os.path.join(output, "evaluation")
+    os.makedirs(evaluation, exist_ok=True)
+    metrics_table = shutil.copyfile(os.path.join(evaluate_dir, "report"),
+                                    os.path.join(evaluation, "metrics.md"))
+    metrics_json = shutil.copyfile(os.path.join(evaluate_dir, "metrics.json"),
+                                   os.path.join(evaluation, "metrics.json"))
     print()
     print(first_table(open(metrics_table).read()))
     print(f"(every metric: {metrics_table})")

@@ -8,8 +8,10 @@ adds, from the feature store and the raw item table, what the result carries onl
   raw items have one;
 * drivers (the long-term behaviours QIN's RSU attended to) merged per item: the same item
   watched twice is one line with its summed attention weight and the number of views; each
-  with the cosine of its content embedding and the query embedding (the relevance RSU stage 1
-  ranks by) and the user's engagement with it (watch ratio, like, follow, share);
+  with its content similarity to the result item (what RSU stage 2 selects by; the drivers
+  come ordered by attention x that similarity), the cosine of its content embedding and the
+  query embedding (the relevance RSU stage 1 ranks by) and the user's engagement with it
+  (watch ratio, like, follow, share);
 * QRCF's seed behaviours merged per item likewise (with their number of views);
 * the notes of the search (unknown query words, unknown user or empty history) and how many
   distinct behaviours explain the whole list.
@@ -80,15 +82,18 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def distinct_drivers(drivers) -> List[Dict]:
-    """Drivers merged per item: summed weight, views, the most recent view; strongest first."""
+    """Drivers merged per item (summed weight and views, the most recent view, the similarity
+    to the result item), in the order the search gave them (`serving.client.candidate_drivers`:
+    attention x similarity to the item); merging is a no-op on drivers already distinct."""
     merged: Dict[str, Dict] = {}
     for d in drivers:
         entry = merged.setdefault(d.item_id, {"item_id": d.item_id, "weight": 0.0, "views": 0,
-                                              "seconds_before": d.seconds_before})
+                                              "seconds_before": d.seconds_before,
+                                              "target_similarity": d.target_similarity})
         entry["weight"] += float(d.weight)
-        entry["views"] += 1
+        entry["views"] += int(d.views)
         entry["seconds_before"] = min(entry["seconds_before"], d.seconds_before)
-    return sorted(merged.values(), key=lambda e: -e["weight"])
+    return list(merged.values())
 
 
 def distinct_seeds(seeds) -> List:
@@ -164,7 +169,10 @@ def explain(result, store, catalogue: Mapping[str, Mapping[str, str]], tasks_sho
             views = f", {d['views']} views" if d["views"] > 1 else ""
             lines.append(
                 f"     because of {describe_item(d['item_id'], catalogue)}: attention "
-                f"{d['weight']:.2f}{views}, query relevance "
+                f"{d['weight']:.2f}{views}, "
+                + ("" if d["target_similarity"] is None
+                   else f"similar to this item {d['target_similarity']:.2f}, ")
+                + "query relevance "
                 f"{'n/a' if behaviour_relevance is None else f'{behaviour_relevance:.2f}'}, "
                 + (describe_engagement(engagement, lookup.names) if engagement is not None
                    else "engagement unknown")

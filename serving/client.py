@@ -29,7 +29,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import common  # noqa: F401  (legacy-Keras switch before TensorFlow loads)
 import numpy as np
@@ -68,12 +68,74 @@ class FeatureStoreView(Protocol):
 
 @dataclasses.dataclass
 class Driver:
-    """A past behaviour the RSU selected for a candidate, with its attention weight."""
+    """A past item the RSU attended to for a candidate: its attention weight (summed over its
+    views), how similar its content is to the candidate's, its most recent view."""
 
     item_id: str
     weight: float
-    position: int  # index in the long-term sequence (0 = most recent)
+    position: int  # index in the long-term sequence of the most recent view (0 = most recent)
     seconds_before: float
+    views: int = 1
+    target_similarity: Optional[float] = None  # cosine of the two items' content embeddings
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / norm) if norm > 0 else None
+
+
+def candidate_drivers(selected_index: np.ndarray, selected_weight: np.ndarray,
+                      long_history: Sequence[Mapping[str, Any]], now_ms: int,
+                      limit: int, embedding_of: Optional[Callable[[str], Optional[np.ndarray]]]
+                      = None, target_embedding: Optional[np.ndarray] = None) -> List[Driver]:
+    """The behaviours that drove one candidate's score, as a reader needs them.
+
+    `selected_index` / `selected_weight` are the candidate's `rsu_selected_index` /
+    `rsu_selected_weight` outputs (positions in `long_history`, -1 = none). Views of the same
+    item become one driver (weights summed, views counted). QIN's stage 2 keeps the behaviours
+    most similar to the candidate and its attention over them is nearly flat (about 1/K2
+    each), so ordering by weight alone would show the same few behaviours under every result;
+    with embeddings given, drivers are ordered by weight x max(similarity to the candidate, 0)
+    (then weight), which names the attended behaviours that resemble this item most.
+    """
+    merged: Dict[str, Driver] = {}
+    for pos, weight in zip(selected_index, selected_weight):
+        if not 0 <= pos < len(long_history):
+            continue
+        b = long_history[int(pos)]
+        item_id = str(b["item_id"])
+        seconds = (now_ms - int(b["timestamp_ms"])) / 1000.0
+        d = merged.get(item_id)
+        if d is None:
+            merged[item_id] = Driver(item_id, float(weight), int(pos), seconds)
+        else:
+            d.weight += float(weight)
+            d.views += 1
+            if seconds < d.seconds_before:
+                d.position, d.seconds_before = int(pos), seconds
+    drivers = list(merged.values())
+    if embedding_of is not None and target_embedding is not None:
+        for d in drivers:
+            vector = embedding_of(d.item_id)
+            d.target_similarity = None if vector is None else _cosine(vector, target_embedding)
+    drivers.sort(key=lambda d: (-d.weight * max(d.target_similarity or 0.0, 0.0), -d.weight,
+                                d.position))
+    return drivers[:limit]
+
+
+def embedding_lookup(store: "FeatureStoreView", table: Optional[np.ndarray] = None
+                     ) -> Callable[[str], Optional[np.ndarray]]:
+    """raw item id -> its content embedding (None when unknown), from the store's table
+    (`table`: that table when the caller already holds it); ids are looked up once each."""
+    table = store.item_embeddings() if table is None else table
+    cache: Dict[str, Optional[np.ndarray]] = {}
+
+    def lookup(item_id: str) -> Optional[np.ndarray]:
+        if item_id not in cache:
+            index = int(store.item_index([item_id])[0])
+            cache[item_id] = table[index] if 0 < index < len(table) else None
+        return cache[item_id]
+    return lookup
 
 
 @dataclasses.dataclass
@@ -272,18 +334,17 @@ def rank(stub, store: FeatureStoreView, user_id: str, query: str, top_k: int = D
     score = out[S.SCORE][0, :n]
     order = np.argsort(-score, kind="stable")[:top_k]
     ranked = []
+    # A store without an embedding table (a minimal FeatureStoreView) orders by weight alone.
+    embedding_of = embedding_lookup(store) if hasattr(store, "item_embeddings") else None
     for c in order:
-        drivers = []
-        for pos, weight in zip(out[S.RSU_SELECTED_INDEX][0, c], out[S.RSU_SELECTED_WEIGHT][0, c]):
-            if 0 <= pos < len(long_history):
-                b = long_history[int(pos)]
-                drivers.append(Driver(str(b["item_id"]), float(weight), int(pos),
-                                      (now_ms - int(b["timestamp_ms"])) / 1000.0))
-        drivers.sort(key=lambda d: -d.weight)
+        drivers = candidate_drivers(
+            out[S.RSU_SELECTED_INDEX][0, c], out[S.RSU_SELECTED_WEIGHT][0, c], long_history,
+            now_ms, max_drivers, embedding_of,
+            embedding_of(str(retrieved["item_id"][c])) if embedding_of else None)
         ranked.append(RankedItem(
             item_id=str(retrieved["item_id"][c]), score=float(score[c]),
             task_scores={t: float(out[t][0, c]) for t in metadata.tasks},
-            retrieval_cosine=float(retrieved["cosine"][c]), drivers=drivers[:max_drivers]))
+            retrieval_cosine=float(retrieved["cosine"][c]), drivers=drivers))
     return RankingResult(user_id, query, ranked, notes, response.model_spec.version.value,
                          latency_ms, len(long_history),
                          min(len(long_history), metadata.real_time_length))

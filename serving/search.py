@@ -173,6 +173,8 @@ class Searcher:
         self.metadata = store.metadata()
         self._item_embeddings = store.item_embeddings() if hasattr(store, "item_embeddings") \
             else None
+        self._embedding_of = (C.embedding_lookup(store, self._item_embeddings)
+                              if self._item_embeddings is not None else None)
         self._pool = concurrent.futures.ThreadPoolExecutor(len(SOURCES),
                                                            thread_name_prefix="retrieve")
 
@@ -358,7 +360,8 @@ class Searcher:
                 item_id=str(items["item_id"][c]), item_index=item, score=float(score[c]),
                 task_scores={task: float(out[task][0, c]) for task in md.tasks},
                 sources=sources, qrcf_seeds=seeds.get(item, []),
-                drivers=self._drivers(out, c, long_history, now_ms)))
+                drivers=self._drivers(out, c, long_history, now_ms,
+                                      items["embedding"][c] if "embedding" in items else None)))
         timings["total"] = round((time.perf_counter() - started) * 1000, 3)
         return SearchResult(user_id, query, now_ms, personalized, ranked, notes, counts, timings,
                             int(response.model_spec.version.value))
@@ -374,15 +377,10 @@ class Searcher:
                             relevance=c.seed.relevance, contribution=c.contribution)
                        for c in cs] for item, cs in chosen.items()}
 
-    def _drivers(self, out, c, long_history, now_ms) -> List[C.Driver]:
-        drivers = []
-        for pos, weight in zip(out[S.RSU_SELECTED_INDEX][0, c], out[S.RSU_SELECTED_WEIGHT][0, c]):
-            if 0 <= pos < len(long_history):
-                b = long_history[int(pos)]
-                drivers.append(C.Driver(str(b["item_id"]), float(weight), int(pos),
-                                        (now_ms - int(b["timestamp_ms"])) / 1000.0))
-        drivers.sort(key=lambda d: -d.weight)
-        return drivers[:self.config.max_drivers]
+    def _drivers(self, out, c, long_history, now_ms, target_embedding) -> List[C.Driver]:
+        return C.candidate_drivers(out[S.RSU_SELECTED_INDEX][0, c],
+                                   out[S.RSU_SELECTED_WEIGHT][0, c], long_history, now_ms,
+                                   self.config.max_drivers, self._embedding_of, target_embedding)
 
 
 def format_result(result: SearchResult) -> str:

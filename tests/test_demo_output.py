@@ -175,6 +175,30 @@ def test_drivers_of_the_same_item_are_merged():
     assert merged[0]["weight"] == 0.35 and merged[0]["seconds_before"] == 5.0
 
 
+def test_candidate_drivers_merge_views_and_order_by_attention_times_similarity():
+    import numpy as np
+
+    from serving.client import candidate_drivers
+
+    history = [{"item_id": "a", "timestamp_ms": 9_000}, {"item_id": "b", "timestamp_ms": 8_000},
+               {"item_id": "a", "timestamp_ms": 7_000}, {"item_id": "c", "timestamp_ms": 6_000}]
+    vectors = {"a": np.array([1.0, 0.0]), "b": np.array([0.6, 0.8]), "c": np.array([0.0, 1.0])}
+    target = np.array([0.0, 1.0])
+    # Nearly flat attention (as QIN's stage 2 gives): a (two views) 0.26, b 0.25, c 0.24;
+    # similarity to the target: a 0, b 0.8, c 1 -> c, b first, a last; -1 = no behaviour.
+    drivers = candidate_drivers(np.array([0, 1, 2, 3, -1]),
+                                np.array([0.13, 0.25, 0.13, 0.24, 0.0]), history, 10_000, 3,
+                                vectors.get, target)
+    assert [d.item_id for d in drivers] == ["c", "b", "a"]
+    by_id = {d.item_id: d for d in drivers}
+    assert by_id["a"].views == 2 and abs(by_id["a"].weight - 0.26) < 1e-9
+    assert by_id["a"].position == 0 and by_id["a"].seconds_before == 1.0  # the recent view
+    assert abs(by_id["b"].target_similarity - 0.8) < 1e-9
+    assert [d.item_id for d in candidate_drivers(np.array([0, 1, 2, 3]),
+                                                 np.array([0.13, 0.25, 0.13, 0.24]),
+                                                 history, 10_000, 2)] == ["a", "b"]  # no vectors
+
+
 def test_explained_list_is_readable(tmp_path):
     catalogue = {"i1": {"category_l1": "cooking", "category_l2": "format_2", "author_id": "a7"},
                  "i2": {"category_l1": "cooking", "category_l2": "format_1", "author_id": "a3",
