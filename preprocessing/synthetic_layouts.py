@@ -57,9 +57,9 @@ KuaiSAR mapping
                     gender (city_tier has no column; it carries no preference). social_network.csv
                     is not written: the reader does not read it and the generator has no graph.
   Display order: the generator shows candidates in a random permutation and has no position
-  effect; src_inter.csv keeps that order (the side file has `position`), but the KuaiSAR reader
-  sorts each session's candidates by item id, so the preprocessed data does not keep it (for
-  these logs that loses nothing; for logs with a position effect it would).
+  effect; src_inter.csv keeps that order (the side file has `position`), and so does the KuaiSAR
+  reader (a session's file row order is its display order): the examples carry the positions
+  and the ranker's position-bias term has nothing real to learn on these logs.
 
 Captions. Real captions name their topic; generated items have only a topic, a subtopic and a
 content embedding. A caption (CaptionConfig) is, shuffled: 0-2 words of the item's topic (the
