@@ -401,27 +401,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run_server_call(server: str, call: Callable[[], Any]) -> Tuple[int, Any]:
+    """A command line's call to the model server: (0, its result); or, after printing one
+    error line, (2, None) for bad input (ValueError, FileNotFoundError, RuntimeError) and
+    (1, None) when the server refused (its gRPC status and details)."""
     import grpc
 
-    args = build_parser().parse_args(argv)
     try:
-        store = open_feature_store(args.feature_store)
-        stub, channel = make_stub(args.server)
-        result = rank(stub, store, args.user, args.query, top_k=args.top_k,
-                      candidates=args.candidates, model_name=args.model_name,
-                      signature=args.signature, now_ms=args.now_ms,
-                      version_label=args.version_label, timeout=args.timeout)
-        channel.close()
+        return 0, call()
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2, None
     except grpc.RpcError as exc:
-        print(f"error: server {args.server} answered {exc.code().name}: {exc.details()}",
+        print(f"error: server {server} answered {exc.code().name}: {exc.details()}",
               file=sys.stderr)
-        return 1
-    print(format_result(result))
-    return 0
+        return 1, None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def call():
+        store = open_feature_store(args.feature_store)
+        stub, channel = make_stub(args.server)
+        try:
+            return rank(stub, store, args.user, args.query, top_k=args.top_k,
+                        candidates=args.candidates, model_name=args.model_name,
+                        signature=args.signature, now_ms=args.now_ms,
+                        version_label=args.version_label, timeout=args.timeout)
+        finally:
+            channel.close()
+
+    code, result = run_server_call(args.server, call)
+    if code == 0:
+        print(format_result(result))
+    return code
 
 
 if __name__ == "__main__":

@@ -440,26 +440,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import grpc
-
     args = build_parser().parse_args(argv)
-    try:
+
+    def call():
         config = SearchConfig(candidates=args.candidates, quotas=json.loads(args.quotas),
                               per_source=max(args.candidates, 1), model_name=args.model_name)
         stub, channel = C.make_stub(args.server)
-        searcher = Searcher.from_paths(args.data, args.base_path, stub, args.version, config,
-                                       item_to_item=args.item_to_item)
-        result = searcher.search(args.user, args.query, args.now_ms, args.k)
-        channel.close()
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as exc:
-        print(f"error: server {args.server} answered {exc.code().name}: {exc.details()}",
-              file=sys.stderr)
-        return 1
-    print(result.to_json() if args.json else format_result(result))
-    return 0
+        try:
+            searcher = Searcher.from_paths(args.data, args.base_path, stub, args.version,
+                                           config, item_to_item=args.item_to_item)
+            return searcher.search(args.user, args.query, args.now_ms, args.k)
+        finally:
+            channel.close()
+
+    code, result = C.run_server_call(args.server, call)
+    if code == 0:
+        print(result.to_json() if args.json else format_result(result))
+    return code
 
 
 if __name__ == "__main__":
