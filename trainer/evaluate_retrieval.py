@@ -24,6 +24,10 @@ split, report them on the test split). `--eps` sweeps QRCF's seed threshold on t
 items to the query) for each eps, plotted to
 E/qrcf_eps_sweep.png. Writes E/retrieval_metrics.json ({source: {metric: value}}) and
 E/retrieval_metrics.md.
+
+`python -m trainer.evaluate_retrieval search --server HOST:PORT --base-path B --data OUT --raw
+RAW ...` judges the full search call instead (merged retrieval ranked by the served QIN, against
+QIN ranking the content baseline's candidates and the oracle's best): trainer/evaluate_search.py.
 """
 from __future__ import annotations
 
@@ -48,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recall@K over the whole corpus of each retrieval source (content baseline, "
                     "query-only dual encoder, PDR, QRCF), of their merge, and on generated data "
                     "of the oracle ranking by true p(click), with the expected clicks captured; "
-                    "optional QRCF eps sweep plot.",
+                    "optional QRCF eps sweep plot. `python -m trainer.evaluate_retrieval search "
+                    "--help`: the full search call's top 10 judged by the oracle "
+                    "(trainer.evaluate_search).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="preprocessing output (with item_to_item/)")
     p.add_argument("--item-to-item", default=None,
@@ -245,6 +251,11 @@ def write_outputs(output: str, results, sweep) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["search"]:
+        from trainer import evaluate_search
+
+        return evaluate_search.main(argv[1:], prog="python -m trainer.evaluate_retrieval search")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stdout)
