@@ -31,6 +31,37 @@ def test_choose_respects_the_click_floor():
         fusion.choose(points, ref, "revenue")
 
 
+def test_rules_target_and_margin():
+    ref = fusion.Point({"a": 0}, clicks=2.0, watch_time=100.0)
+    points = [ref, fusion.Point({"a": 1}, 1.996, 104.0), fusion.Point({"a": 2}, 1.99, 106.0),
+              fusion.Point({"a": 3}, 1.985, 112.0), fusion.Point({"a": 4}, 1.981, 115.0)]
+    assert fusion.choose_by_rule(points, ref, "floor", 0.01).weights == {"a": 4}
+    # the least click cost reaching +5 % watch time, then +10 %
+    assert fusion.choose_by_rule(points, ref, "target", 0.01, 0.05).weights == {"a": 2}
+    assert fusion.choose_by_rule(points, ref, "target", 0.01, 0.10).weights == {"a": 3}
+    # unreachable target: the floor's choice
+    assert fusion.choose_by_rule(points, ref, "target", 0.01, 0.50).weights == {"a": 4}
+    # click changes counted twice: -0.5 % -> -1 % still passes, -0.75 % -> -1.5 % does not
+    assert fusion.choose_by_rule(points, ref, "margin", 0.01, click_scale=2.0).weights == \
+        {"a": 2}
+    # a scale below 1 never loosens the floor
+    assert fusion.choose_by_rule(points, ref, "margin", 0.01, click_scale=0.2).weights == \
+        {"a": 4}
+    with pytest.raises(ValueError, match="rule"):
+        fusion.choose_by_rule(points, ref, "luck")
+
+
+def test_change_scale_is_the_slope_of_observed_on_predicted_changes():
+    pref, oref = fusion.Point({}, 2.0, 10.0), fusion.Point({}, 1.0, 20.0)
+    predicted = [fusion.Point({}, 2.0 * (1 - d), 10.0 * (1 + 3 * d))
+                 for d in (0.005, 0.01, 0.02, 0.2)]
+    observed = [fusion.Point({}, 1.0 * (1 - 2 * d), 20.0 * (1 + 1.5 * d))
+                for d in (0.005, 0.01, 0.02, 0.2)]
+    got = fusion.change_scale(predicted, pref, observed, oref, max_predicted_loss=0.05)
+    assert got["clicks"] == pytest.approx(2.0) and got["watch_time"] == pytest.approx(0.5)
+    assert got["clicks_points"] == 3  # the 20 % loss is beyond the band
+
+
 def _toy_lists(requests=400, n=16, seed=0):
     """Lists where watch time = p_click * duration, durations independent of p_click."""
     rng = np.random.default_rng(seed)
@@ -100,8 +131,9 @@ def test_extended_oracle_equals_the_generator_on_its_shown_candidates(tmp_path):
 def test_retrieved_list_tuning_matches_a_hand_computation():
     """Two requests of three retrieved candidates, K = 1. Request 0: the long item 1 passes the
     clicky item 0 only for a >= 0.1 (0.4 * 10^a > 0.5), at 20 % of its clicks; request 1: item
-    1 passes item 0 for any a >= 0.05 (0.299 * 30^a > 0.3), at 0.3 % of its clicks. With a 1 %
-    click floor on the predictions the choice is a = 0.05: only request 1 changes hands."""
+    1 passes item 0 for any a >= 0.01 (0.299 * 30^a > 0.3), at 0.3 % of its clicks. With a 1 %
+    click floor on the predictions the choice is the first of those, a = 0.01: only request 1
+    changes hands."""
     from trainer.objectives import tune_on_lists
 
     tasks = ("click", F.WATCH_TIME)
@@ -111,7 +143,7 @@ def test_retrieved_list_tuning_matches_a_hand_computation():
              F.WATCH_TIME: np.array([[2.0, 20.0, 1.0], [1.0, 30.0, 1.0]])}
     r = tune_on_lists(pred, pred, truth, tasks, "watch_time_at_click_floor", 0.01, k=1,
                       truth_eval=truth, deployed={"click": 1.0, F.WATCH_TIME: 0.1})
-    assert r["weights"] == {"click": 1.0, F.WATCH_TIME: 0.05}
+    assert r["weights"] == {"click": 1.0, F.WATCH_TIME: 0.01}
     assert r["candidates"] == 3 and r["requests"] == {"eval": 2, "test": 2}
     # chosen on the predictions: clicks 0.5 + 0.299 against 0.5 + 0.3 (over 2), watch time
     # (1 + 30) / 2 against (1 + 1) / 2
@@ -124,7 +156,7 @@ def test_retrieved_list_tuning_matches_a_hand_computation():
     assert test["clicks"] == pytest.approx(0.3995)
     assert test["watch_time_gain"] == pytest.approx(16.0 / 1.5 - 1)
     # the truth ranks the same way here: its ceiling is the same point
-    assert r["truth_ceiling"]["weights"] == {"click": 1.0, F.WATCH_TIME: 0.05}
+    assert r["truth_ceiling"]["weights"] == {"click": 1.0, F.WATCH_TIME: 0.01}
     assert r["truth_ceiling"]["watch_time_gain"] == pytest.approx(16.0 / 1.5 - 1)
     # ranking by true watch time alone: item 1 twice, clicks (0.4 + 0.299) / 2, watch time 25
     assert r["truth_by_expected_watch_time"]["clicks_change"] == pytest.approx(0.3495 / 0.4 - 1)
@@ -134,6 +166,17 @@ def test_retrieved_list_tuning_matches_a_hand_computation():
     assert r["deployed_weights"]["watch_time_gain"] == pytest.approx(25 / 1.5 - 1)
     assert r["model_chosen_on_eval_truth"]["weights"] == r["weights"]
     assert r["model_click_ranking_share_of_truth"] == {"clicks": 1.0, "watch_time": 1.0}
+    # every rule's choice is kept; the default (target) is the run's
+    assert r["rule"] == "target" and set(r["rules"]) == set(fusion.RULES)
+    assert r["rules"]["floor"]["weights"] == r["weights"]
+    assert r["rules"]["floor"]["test_oracle"]["clicks"] == pytest.approx(0.3995)
+    # target +5 %: reached by a = 0.01 already, the least click cost -> the same point
+    assert r["rules"]["target"]["weights"] == r["weights"]
+    # a margin that counts the 0.125 % predicted click loss 10 times breaks the 1 % floor
+    m = tune_on_lists(pred, pred, truth, tasks, "watch_time_at_click_floor", 0.01, k=1,
+                      rule="margin", click_scale=10.0)
+    assert m["rule"] == "margin" and m["weights"] == {"click": 1.0, F.WATCH_TIME: 0.0}
+    assert m["test_oracle"]["clicks_change"] == 0.0 and m["click_scale"] == 10.0
 
 
 def test_retrieved_candidates_are_the_clients_content_cosine_top_n():
@@ -213,3 +256,45 @@ def test_retrieved_cli_end_to_end_on_generated_data(tmp_path):
     for task in metadata.tasks:  # num_candidates differs (padding scored too), real rows equal
         np.testing.assert_allclose(rebuilt[task].numpy()[mask], direct[task].numpy()[mask],
                                    rtol=1e-5)
+
+
+def test_summarize_puts_the_retrieved_fusion_first(tmp_path):
+    import json
+
+    from trainer import objectives as O
+
+    def point(g, c):
+        return {"watch_time_gain": g, "clicks_change": c, "weights": {"click": 1.0}}
+
+    fits, rets = [], []
+    for i, (g, c) in enumerate(((0.06, -0.004), (0.08, -0.006))):
+        fit, ret = tmp_path / f"o{i}", tmp_path / f"r{i}"
+        fit.mkdir()
+        ret.mkdir()
+        cal = {"ece_before": 0.02, "ece_after": 0.01, "error": "ece", "method": "platt"}
+        (fit / O.RUN_JSON).write_text(json.dumps({
+            "data": f"data{i}", "tasks": ["click"], "calibration": {"click": cal},
+            "fusion": {"k": 10, "objective": "logged", "weights": {"click": 1.0},
+                       "test_oracle": point(0.01, -0.01)}}))
+        (ret / O.RETRIEVED_JSON).write_text(json.dumps({
+            "data": f"data{i}", "retrieval": "top 100", "logged_eval_change_scale": {"clicks": 2},
+            "fusion": {"k": 10, "objective": "retrieved", "rule": "target",
+                       "weights": {"click": 1.0},
+                       "test_oracle": dict(point(g, c), curve=[point(0, 0), point(g, c)]),
+                       "truth_ceiling": point(0.2, -0.009), "model_best_on_test": point(0.1, -0.01),
+                       "rules": {"target": {"weights": {"click": 1.0},
+                                            "test_oracle": point(g, c)}}}}))
+        fits.append(str(fit))
+        rets.append(str(ret))
+    summary = O.summarize(fits, str(tmp_path / "docs"), rets)
+    assert summary["calibration"]["click"] == {"ece_before": 0.02, "ece_after": 0.01,
+                                               "error": "ece", "methods": ["platt", "platt"]}
+    assert summary["fusion"]["objective"] == "retrieved"
+    assert summary["fusion"]["oracle_watch_time@10_gain"] == pytest.approx(0.07)
+    assert summary["fusion"]["oracle_clicks@10_change"] == pytest.approx(-0.005)
+    assert summary["fusion"]["rules"]["target"]["oracle_clicks@10_change"] == \
+        pytest.approx(-0.005)
+    assert summary["fusion_logged"]["oracle_watch_time@10_gain"] == pytest.approx(0.01)
+    assert "oracle_clicks@10_change" in summary["std"]["fusion_logged"]
+    assert "fusion_logged:" in O.summary_markdown(summary)
+    assert (tmp_path / "docs" / O.DOCS_RETRIEVED_TRADEOFF_PNG).stat().st_size > 0

@@ -17,7 +17,8 @@ what the product wants (arXiv 2409.11281), fitted on eval, judged on test, store
    weight varies, on the true values of generated data, else the labels).
 
     python -m trainer.objectives retrieved --data OUT --model-dir M --raw RAW --output O \
-        [--candidates N] [--max-click-loss 0.01] [--k 10] [--write-weights]
+        [--candidates N] [--max-click-loss 0.01] [--k 10] [--rule target|floor|margin]
+        [--watch-time-target 0.05] [--write-weights]
 
 tunes the fused score where the ranker works: not on the 12-20 logged impressions of a request
 but on the N items retrieval hands it (the serving client ranks its `--candidates` = 100
@@ -30,15 +31,23 @@ items have no labels, so the weights are chosen on eval by the model's calibrate
 calibrated E[T]) and judged on test by the generator's truth for any (request, item) pair
 (`trainer.retrieval_oracle`). The truth's ceiling (the same grid on the true values) and
 diagnostics that only generated data allows (weights best on test, chosen on eval by the truth,
-the deployed ones) come alongside. Writes O/retrieved_run.json, and with --write-weights the
-chosen weights into M/post_training.json. `retrieved-summary --runs O1 O2 O3` prints the table.
+the deployed ones) come alongside. `--rule` says how the predictions enforce the click floor
+(`trainer.fusion.RULES`): `floor` the most predicted watch time within the predicted floor,
+`target` (default) the least predicted click cost reaching a predicted watch time@K gain of
+`--watch-time-target`, `margin` the floor with the predicted click changes scaled by how much
+the model understates observed click changes on eval's logged lists (`logged_change_scale`);
+every rule's choice is in the run's `rules`. Writes O/retrieved_run.json and its plot
+O/retrieved_tradeoff.png, and with --write-weights the chosen weights into
+M/post_training.json. `retrieved-summary --runs O1 O2 O3` prints the table.
 
-    python -m trainer.objectives summarize --runs O1 O2 O3 --output DOCS
+    python -m trainer.objectives summarize --runs O1 O2 O3 [--retrieved R1 R2 R3] --output DOCS
 
 averages the runs (e.g. one per data seed) into `DOCS/objectives.json` (mean; `std` and `runs`
 alongside) and copies the first run's figures to `DOCS/objectives_reliability.png` and
 `DOCS/objectives_tradeoff.png`; it prints the Markdown table of docs/REPORT.md's objectives
-section.
+section. With `--retrieved` (the same models' `retrieved` runs) the retrieved-list fusion is
+the headline `fusion` of objectives.json, the logged-list one moves to `fusion_logged`, and
+`DOCS/objectives_retrieved_tradeoff.png` plots the first retrieved run.
 """
 from __future__ import annotations
 
@@ -234,7 +243,8 @@ def fit_objectives(data_dir: str, model_dir: str, output_dir: str,
 
 
 # ---- the ranker on retrieved candidates ----------------------------------------------------
-RETRIEVED_JSON = "retrieved_run.json"
+RETRIEVED_JSON, RETRIEVED_TRADEOFF_PNG = "retrieved_run.json", "retrieved_tradeoff.png"
+DOCS_RETRIEVED_TRADEOFF_PNG = "objectives_retrieved_tradeoff.png"
 
 
 class ItemTable:
@@ -376,7 +386,9 @@ def _lists_flat(values: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 def tune_on_lists(pred_eval, pred_test, truth_test, tasks, objective: str,
                   max_click_loss: float, k: int, truth_eval=None,
-                  deployed: Optional[Dict[str, float]] = None) -> Dict:
+                  deployed: Optional[Dict[str, float]] = None, rule: Optional[str] = None,
+                  watch_time_target: Optional[float] = None,
+                  click_scale: Optional[float] = None) -> Dict:
     """Fusion on fixed-size candidate lists ([R, N] arrays per task).
 
     * model (honest): the weights are chosen on eval where only the model is known, by its
@@ -388,6 +400,11 @@ def tune_on_lists(pred_eval, pred_test, truth_test, tasks, objective: str,
     * diagnostics: the model's heads with the weights best on test by the truth
       (`model_best_on_test`), chosen on eval by the truth (`model_chosen_on_eval_truth`, only
       possible on generated data), and the `deployed` weights (tuned on the logged lists).
+
+    With objective watch_time_at_click_floor, `rule` (`fusion.RULES`) says how the model's
+    predictions enforce the floor; `rules` holds every rule's choice (eval predicted, test
+    predicted, test truth) and `weights` / `test_oracle` the one of `rule`. `click_scale` is the
+    `margin` rule's factor (measured on eval's logged lists by `fit_retrieved`; 1 if unknown).
     """
     from common import features as F
     from trainer import fusion
@@ -405,14 +422,35 @@ def tune_on_lists(pred_eval, pred_test, truth_test, tasks, objective: str,
     def judged(weights_list):  # the model's ranking on test, judged by the truth
         return fusion.evaluate_weights(pt, tt[click], tt[watch], gt, weights_list, k)
 
-    chosen, eval_ref, _ = fusion.tune(pe, pe[click], pe[watch], ge, tasks, objective,
-                                      max_click_loss, k, grid)
+    rule = rule or fusion.DEFAULT_RULE
+    watch_time_target = (fusion.DEFAULT_WATCH_TIME_TARGET if watch_time_target is None
+                         else watch_time_target)
+    click_scale = 1.0 if click_scale is None else click_scale
+    chosen, eval_ref, eval_points = fusion.tune(pe, pe[click], pe[watch], ge, tasks, objective,
+                                                max_click_loss, k, grid)
+    rules = {}
+    if objective == fusion.DEFAULT_OBJECTIVE:
+        for name in fusion.RULES:
+            point = fusion.choose_by_rule(eval_points, eval_ref, name, max_click_loss,
+                                          watch_time_target, click_scale)
+            p_ref, p_point = fusion.evaluate_weights(pt, pt[click], pt[watch], gt,
+                                                     [reference_weights, point.weights], k)
+            t_ref, t_point = judged([reference_weights, point.weights])
+            rules[name] = {"weights": point.weights,
+                           "eval_predicted": _point_dict(point, eval_ref),
+                           "test_predicted": _point_dict(p_point, p_ref),
+                           "test_oracle": _point_dict(t_point, t_ref)}
+        chosen = next((p for p in eval_points if p.weights == rules[rule]["weights"]), eval_ref)
     ref, tuned = judged([reference_weights, chosen.weights])
     predicted_ref, predicted = fusion.evaluate_weights(
         pt, pt[click], pt[watch], gt, [reference_weights, chosen.weights], k)
     curve = judged(grid)
+    predicted_curve = fusion.evaluate_weights(pt, pt[click], pt[watch], gt, grid, k)
     result = {
-        "objective": fusion.describe(objective, max_click_loss, k), "k": k,
+        "objective": (fusion.describe_rule(rule, max_click_loss, watch_time_target, k) if rules
+                      else fusion.describe(objective, max_click_loss, k)), "k": k,
+        "rule": rule if rules else None, "rules": rules,
+        "watch_time_target": watch_time_target, "click_scale": click_scale,
         "requests": {"eval": int(ge.max() + 1), "test": int(gt.max() + 1)},
         "candidates": int(np.asarray(pred_test[click]).shape[1]),
         "weights": chosen.weights,
@@ -420,6 +458,7 @@ def tune_on_lists(pred_eval, pred_test, truth_test, tasks, objective: str,
         "test_predicted": _point_dict(predicted, predicted_ref),
         "test_oracle": dict(_point_dict(tuned, ref), reference=_point_dict(ref, ref),
                             curve=[_point_dict(p, ref) for p in curve]),
+        "test_predicted_curve": [_point_dict(p, predicted_ref) for p in predicted_curve],
     }
     best = fusion.choose(curve, ref, objective, max_click_loss)
     result["model_best_on_test"] = _point_dict(best, ref)
@@ -446,11 +485,35 @@ def tune_on_lists(pred_eval, pred_test, truth_test, tasks, objective: str,
     return result
 
 
+def logged_change_scale(model, data_dir: str, metadata, tasks, k: int, max_click_loss: float,
+                        batch_size: int = 256) -> Dict[str, float]:
+    """The `margin` rule's factor, from eval's logged lists (where labels exist): how much the
+    observed click (and watch-time) change of each fused ranking exceeds the change the model's
+    calibrated heads predict (`fusion.change_scale`, rankings predicted to lose at most 5
+    floors' worth of clicks)."""
+    from common import features as F
+    from trainer import data as data_lib
+    from trainer import evaluate as E
+    from trainer import fusion
+
+    flat = E.predict_flat(model, data_lib.make_dataset(data_dir, "eval", metadata, batch_size,
+                                                       for_training=False), metadata)
+    pred = {t: flat[f"pred_{t}"] for t in tasks}
+    groups = flat["request_id"]
+    grid = [fusion.click_ranking(tasks)] + fusion.candidate_weights(tasks)
+    predicted = fusion.evaluate_weights(pred, pred["click"], pred[F.WATCH_TIME], groups, grid, k)
+    observed = fusion.evaluate_weights(pred, flat[F.label_feature("click")],
+                                       flat[F.label_feature(F.WATCH_TIME)], groups, grid, k)
+    return fusion.change_scale(predicted[1:], predicted[0], observed[1:], observed[0],
+                               5 * max_click_loss)
+
+
 def fit_retrieved(data_dir: str, model_dir: str, raw_dir: str, output_dir: str,
                   candidates: Optional[int] = None, objective: Optional[str] = None,
                   max_click_loss: Optional[float] = None, k: Optional[int] = None,
                   batch_size: int = 64, max_requests: Optional[int] = None,
-                  write_weights: bool = False) -> Dict:
+                  write_weights: bool = False, rule: Optional[str] = None,
+                  watch_time_target: Optional[float] = None) -> Dict:
     """The fusion tuned where the ranker works: on the candidates retrieval hands it (module
     docstring, `retrieved`). Reads the model as served (calibration and fusion of
     M/post_training.json); writes O/retrieved_run.json, and the chosen weights into
@@ -486,6 +549,8 @@ def fit_retrieved(data_dir: str, model_dir: str, raw_dir: str, output_dir: str,
     deployed = {t: float(model.score_weights.get(t, 0.0)) for t in tasks}
     table = ItemTable(data_dir, raw_dir)
     oracle = ClickOracle.from_raw(raw_dir, F.read_vocabulary(data_dir, "items"))
+    logged = logged_change_scale(model, data_dir, metadata, tasks, k, max_click_loss,
+                                 batch_size)
     scored, truth = {}, {}
     for split in ("eval", "test"):
         scored[split] = score_retrieved(model, data_dir, split, metadata, table, candidates,
@@ -499,17 +564,22 @@ def fit_retrieved(data_dir: str, model_dir: str, raw_dir: str, output_dir: str,
               "deployed_weights": deployed,
               "fusion": tune_on_lists(scored["eval"]["pred"], scored["test"]["pred"],
                                       truth["test"], tasks, objective, max_click_loss, k,
-                                      truth_eval=truth["eval"], deployed=deployed)}
+                                      truth_eval=truth["eval"], deployed=deployed, rule=rule,
+                                      watch_time_target=watch_time_target,
+                                      click_scale=logged["clicks"]),
+              "logged_eval_change_scale": logged}
     if write_weights:
         weights = result["fusion"]["weights"]
         post_training.save(model_dir, {t: Knots.from_dict(v) for t, v in
                                        content.get("calibration", {}).items()},
                            {"weights": weights, "formula": "product",
                             "objective": result["fusion"]["objective"],
+                            "rule": result["fusion"]["rule"],
                             "candidates": f"retrieved:{candidates}"})
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, RETRIEVED_JSON), "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
+    plot_retrieved_tradeoff(result, os.path.join(output_dir, RETRIEVED_TRADEOFF_PNG))
     return result
 
 
@@ -520,7 +590,7 @@ def retrieved_summary(run_dirs: List[str]) -> str:
         with open(os.path.join(d, RETRIEVED_JSON)) as f:
             runs.append(json.load(f))
     k = runs[0]["fusion"]["k"]
-    columns = [("model, chosen on eval by its predictions", "test_oracle"),
+    columns = [("model, chosen on eval by its predictions (the run's rule)", "test_oracle"),
                ("model, best on test (diagnostic)", "model_best_on_test"),
                ("model, chosen on eval by the truth (diagnostic)",
                 "model_chosen_on_eval_truth"),
@@ -531,10 +601,14 @@ def retrieved_summary(run_dirs: List[str]) -> str:
              "rows, the true one for the ceiling), on test.", "",
              "| ranking | " + " | ".join(r["data"] for r in runs) + " | mean ± std |",
              "|---|" + "---|" * (len(runs) + 1)]
-    for title, key in columns:
-        if not all(key in r["fusion"] for r in runs):
+    rows = [(title, [r["fusion"].get(key) for r in runs]) for title, key in columns]
+    for name in runs[0]["fusion"].get("rules") or {}:
+        rows.insert(-1, (f"model, `{name}` rule (chosen on eval by its predictions)",
+                         [(r["fusion"].get("rules") or {}).get(name, {}).get("test_oracle")
+                          for r in runs]))
+    for title, points in rows:
+        if not all(points):
             continue
-        points = [r["fusion"][key] for r in runs]
         cells = [f"{_weights_text(p['weights'])}: {100 * p['watch_time_gain']:+.2f}% / "
                  f"{100 * p['clicks_change']:+.2f}%" for p in points]
         g = _mean_std([p["watch_time_gain"] for p in points])
@@ -621,14 +695,92 @@ def plot_tradeoff(result: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_retrieved_tradeoff(result: Dict, path: str) -> None:
+    """clicks@K against watch time@K on the retrieved lists of test as the watch-time weight
+    varies (b = 0): the model judged by the truth, the model's own prediction of the same
+    rankings, the truth's ranking (ceiling), and every rule's choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fusion = result["fusion"]
+    k = fusion["k"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for curve, style, label in (
+            (fusion["test_oracle"].get("curve"), "o-", "model heads, judged by the truth"),
+            (fusion.get("test_predicted_curve"), "x:", "model heads, as the model predicts"),
+            (fusion["truth_ceiling"].get("curve"), ".--", "true values (ceiling)")):
+        if not curve:
+            continue
+        curve = [p for p in curve if not p["weights"].get("long_view")]
+        ax.plot([100 * p["clicks_change"] for p in curve],
+                [100 * p["watch_time_gain"] for p in curve], style, ms=4, label=label)
+    for (name, rule), marker in zip((fusion.get("rules") or {}).items(), "*PX"):
+        p = rule["test_oracle"]
+        ax.plot([100 * p["clicks_change"]], [100 * p["watch_time_gain"]], marker, ms=11,
+                label=f"rule {name}: {_weights_text(rule['weights'])}")
+    ax.axvline(-1.0, color="grey", lw=0.8, ls=":")
+    ax.axhline(5.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlim(-8, 0.5)
+    ax.set_ylim(-1, 30)
+    ax.set_xlabel(f"change of clicks@{k} vs ranking by p(click) (%)")
+    ax.set_ylabel(f"gain of watch time@{k} vs ranking by p(click) (%)")
+    ax.set_title(f"Fusion on retrieved candidates, test ({result['data']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---- several runs ------------------------------------------------------------------------
 def _mean_std(values: List[float]) -> Dict[str, float]:
     arr = np.asarray(values, np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
-def summarize(run_dirs: List[str], output_dir: str) -> Dict:
-    """docs/objectives.json from several runs (mean, with std and the per-run values)."""
+def _retrieved_fusion(run_dirs: List[str]) -> (Dict, Dict):
+    """The headline fusion of several `retrieved` runs: the run's rule judged by the truth on
+    test (mean, std, per run), every rule's and the truth ceiling's means alongside."""
+    runs = []
+    for d in run_dirs:
+        with open(os.path.join(d, RETRIEVED_JSON)) as f:
+            runs.append(json.load(f))
+    fusions = [r["fusion"] for r in runs]
+    k = fusions[0]["k"]
+    gain, change = f"oracle_watch_time@{k}_gain", f"oracle_clicks@{k}_change"
+
+    def stats(points):
+        g = _mean_std([p["watch_time_gain"] for p in points])
+        c = _mean_std([p["clicks_change"] for p in points])
+        return {gain: g["mean"], change: c["mean"]}, {gain: g["std"], change: c["std"]}
+
+    mean, std = stats([f["test_oracle"] for f in fusions])
+    headline = dict(mean, objective=fusions[0]["objective"], rule=fusions[0].get("rule"),
+                    candidates=runs[0]["retrieval"], runs=[r["data"] for r in runs],
+                    weights=[f["weights"] for f in fusions],
+                    per_run=[{gain: f["test_oracle"]["watch_time_gain"],
+                              change: f["test_oracle"]["clicks_change"]} for f in fusions],
+                    logged_eval_click_scale=[r["logged_eval_change_scale"]["clicks"]
+                                             for r in runs])
+    headline["truth_ceiling"] = stats([f["truth_ceiling"] for f in fusions])[0]
+    headline["model_best_on_test"] = stats([f["model_best_on_test"] for f in fusions])[0]
+    headline["rules"] = {}
+    for name in fusions[0].get("rules") or {}:
+        rule_mean = stats([f["rules"][name]["test_oracle"] for f in fusions])[0]
+        headline["rules"][name] = dict(
+            rule_mean, weights=[f["rules"][name]["weights"] for f in fusions],
+            per_run=[{gain: f["rules"][name]["test_oracle"]["watch_time_gain"],
+                      change: f["rules"][name]["test_oracle"]["clicks_change"]}
+                     for f in fusions])
+    return headline, std
+
+
+def summarize(run_dirs: List[str], output_dir: str,
+              retrieved_dirs: Optional[List[str]] = None) -> Dict:
+    """docs/objectives.json from several runs (mean, with std and the per-run values). With
+    `retrieved_dirs` (the same models' `retrieved` runs) the retrieved-list fusion, what the
+    ranker sees when serving, is the headline `fusion`, the logged-list one `fusion_logged`."""
     runs = []
     for d in run_dirs:
         with open(os.path.join(d, RUN_JSON)) as f:
@@ -662,9 +814,19 @@ def summarize(run_dirs: List[str], output_dir: str) -> Dict:
         }
         summary["std"]["fusion"] = {f"{prefix}watch_time@{k}_gain": gains["std"],
                                     f"{prefix}clicks@{k}_change": changes["std"]}
+    if retrieved_dirs:
+        if "fusion" in summary:
+            summary["fusion_logged"] = summary.pop("fusion")
+            summary["fusion_logged"]["candidates"] = "the request's logged impressions"
+            summary["std"]["fusion_logged"] = summary["std"].pop("fusion")
+        summary["fusion"], summary["std"]["fusion"] = _retrieved_fusion(retrieved_dirs)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, SUMMARY_JSON), "w") as f:
         f.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if retrieved_dirs:
+        with open(os.path.join(retrieved_dirs[0], RETRIEVED_JSON)) as f:
+            plot_retrieved_tradeoff(json.load(f),
+                                    os.path.join(output_dir, DOCS_RETRIEVED_TRADEOFF_PNG))
     for name, target in ((RELIABILITY_PNG, DOCS_RELIABILITY_PNG),
                          (TRADEOFF_PNG, DOCS_TRADEOFF_PNG)):
         source = os.path.join(run_dirs[0], name)
@@ -682,9 +844,12 @@ def summary_markdown(summary: Dict) -> str:
         lines.append(f"| {task} | {e['error']} | {e['ece_before']:.4f} ± {s['ece_before']:.4f} "
                      f"| {e['ece_after']:.4f} ± {s['ece_after']:.4f} | "
                      f"{', '.join(e['methods'])} |")
-    if "fusion" in summary:
-        f, s = summary["fusion"], summary["std"]["fusion"]
-        lines += ["", f"Objective: {f['objective']} (mean ± std over {n} runs).", "",
+    for name in ("fusion", "fusion_logged"):
+        if name not in summary:
+            continue
+        f, s = summary[name], summary["std"][name]
+        where = f" on {f['candidates']}" if "candidates" in f else ""
+        lines += ["", f"{name}: {f['objective']}{where} (mean ± std over {n} runs).", "",
                   "| measure | mean | std | per run |", "|---|---|---|---|"]
         for key in [k for k in f if k.endswith(("_gain", "_change"))]:
             per_run = ", ".join(f"{100 * r[key]:+.2f}%" for r in f["per_run"])
@@ -729,6 +894,14 @@ def main(argv=None) -> int:
     ret.add_argument("--batch-size", type=int, default=64, help="requests per batch")
     ret.add_argument("--max-requests", type=int, default=None,
                      help="score the first N requests of eval and of test only")
+    ret.add_argument("--rule", default="target", choices=("floor", "target", "margin"),
+                     help="watch_time_at_click_floor: how the model's predictions enforce the "
+                          "click floor (floor: most predicted watch time within the predicted "
+                          "floor; target, the default: least predicted click cost reaching "
+                          "--watch-time-target; margin: floor with the predicted click changes "
+                          "scaled by their measured understatement on eval's logged lists)")
+    ret.add_argument("--watch-time-target", type=float, default=0.05,
+                     help="target rule: predicted watch time@K gain to reach")
     ret.add_argument("--write-weights", action="store_true",
                      help="store the chosen weights in MODEL_DIR/post_training.json (the "
                           "calibration is kept)")
@@ -737,6 +910,9 @@ def main(argv=None) -> int:
     summ = sub.add_parser("summarize", help="average several fit runs into objectives.json")
     summ.add_argument("--runs", nargs="+", required=True, help="output directories of fit")
     summ.add_argument("--output", required=True, help="directory for objectives.json and figures")
+    summ.add_argument("--retrieved", nargs="+", default=None,
+                      help="output directories of retrieved for the same models: their fusion "
+                           "becomes the headline, the logged-list one moves to fusion_logged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -755,14 +931,15 @@ def main(argv=None) -> int:
 
             result = fit_retrieved(args.data, args.model_dir, args.raw, args.output,
                                    args.candidates, args.objective, args.max_click_loss, args.k,
-                                   args.batch_size, args.max_requests, args.write_weights)
+                                   args.batch_size, args.max_requests, args.write_weights,
+                                   args.rule, args.watch_time_target)
             print(json.dumps({k: v for k, v in result["fusion"].items()
                               if not isinstance(v, dict) or "curve" not in v}, indent=2))
             print(retrieved_summary([args.output]))
         elif args.command == "retrieved-summary":
             print(retrieved_summary(args.runs))
         else:
-            print(summary_markdown(summarize(args.runs, args.output)))
+            print(summary_markdown(summarize(args.runs, args.output, args.retrieved)))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
