@@ -315,7 +315,16 @@ def click_pairs(files: Dict[str, object], fractions: Tuple[float, float],
                   eval_fraction=fractions[0], test_fraction=fractions[1],
                   split_cutoffs_ms={"eval": cutoffs[0], "test": cutoffs[1]})
     clicks = train_clicks
-    wanted = {w for _, w in clicks}
+    names = read_names(files, {w for _, w in clicks})
+    pairs = [(q, names[w]) for q, w in clicks if names.get(w)]
+    keys = [w for _, w in clicks if names.get(w)]
+    counts["click_pairs"] = len(clicks)
+    counts["click_pairs_without_name"] = len(clicks) - len(pairs)
+    return pairs, keys, query_tokens, counts
+
+
+def read_names(files: Dict[str, object], wanted) -> Dict[str, Tuple[int, ...]]:
+    """Product name tokens of the `wanted` wids (first parsable line of each)."""
     names: Dict[str, Tuple[int, ...]] = {}
     for _, raw in read_numbered_lines(files["product_path"], files["product_header"]):
         try:
@@ -324,16 +333,39 @@ def click_pairs(files: Dict[str, object], fractions: Tuple[float, float],
             continue
         if item.item_id in wanted and item.item_id not in names:
             names[item.item_id] = item.tokens
-    pairs = [(q, names[w]) for q, w in clicks if names.get(w)]
-    keys = [w for _, w in clicks if names.get(w)]
-    counts["click_pairs"] = len(clicks)
-    counts["click_pairs_without_name"] = len(clicks) - len(pairs)
-    return pairs, keys, query_tokens, counts
+    return names
+
+
+def coengagement_name_pairs(files: Dict[str, object], config, cutoff_ms: int):
+    """Item pairs of the text two-tower from co-engagement before the eval cutoff
+    (preprocessing/text_embeddings.py, `coengagement_pairs`): the history behaviours that came
+    from no query (source FEED) of each user line, deep = deeper than CLICK (FLW, CART, ORD);
+    returns (name, name) pairs, the second product's wids, and counts."""
+    from preprocessing.text_embeddings import coengagement_pairs
+
+    shallow = ENGAGEMENT_BY_TYPE["CLICK"]
+    item_pairs: List[Tuple[str, str]] = []
+    for number, raw in read_numbered_lines(files["behaviour_path"], files["behaviour_header"]):
+        try:
+            _, behaviours, _ = parse_behaviour_line(number, raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        item_pairs += coengagement_pairs(
+            ((b.user_id, b.timestamp_ms, b.item_id, float(b.engagement != shallow), False)
+             for b in behaviours if b.source == F.SOURCE_FEED),
+            config.coengagement_window, cutoff_ms, 0.5, int(config.coengagement_max_gap_s * 1000))
+    names = read_names(files, {w for pair in item_pairs for w in pair})
+    kept = [(a, b) for a, b in item_pairs if names.get(a) and names.get(b)]
+    counts = {"coengagement_item_pairs": len(item_pairs),
+              "coengagement_pairs_without_name": len(item_pairs) - len(kept)}
+    return [(names[a], names[b]) for a, b in kept], [b for _, b in kept], counts
 
 
 def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
     """Validates the input and trains the frozen query/item text embedding space on the clicks
-    before the eval cutoff (module docstring).
+    before the eval cutoff (module docstring), plus, with `text_tower_coengagement_share` > 0,
+    item pairs of co-engaged history behaviours from no query before the eval cutoff
+    (`coengagement_name_pairs`).
 
     Returns the keyword arguments of ReadJDsearch: `text_encoder`, `query_vocab`, `tasks`,
     `engagement_names`, `display_order` / `display_order_source` (the list order of
@@ -347,7 +379,12 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
     files = validate(input_dir)
     config = TextTowerConfig.from_options(options)
     pairs, keys, query_tokens, counts = click_pairs(files, split_fractions(options))
-    encoder, stats = train_text_encoder(pairs, config, keys, query_tokens)
+    item_pairs, item_keys = [], []
+    if config.uses_coengagement:
+        item_pairs, item_keys, co_counts = coengagement_name_pairs(
+            files, config, counts["split_cutoffs_ms"]["eval"])
+        counts.update(co_counts)
+    encoder, stats = train_text_encoder(pairs, config, keys, query_tokens, item_pairs, item_keys)
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
     return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,

@@ -10,6 +10,9 @@ only: `prepare()` builds the requests exactly as the reader does, computes the p
 cutoffs from their timestamps (preprocessing/splits.py, with the options' eval_fraction and
 test_fraction) and drops the clicks of eval and test sessions. The space feeds the ranker, so
 held-out clicks shaping it would make eval and test metrics optimistic.
+With `text_tower_coengagement_share` > 0 it also adds item pairs of feed co-engagement
+(rec_inter.csv: items deeply engaged by one user within a few consecutive feed behaviours,
+strictly before the eval cutoff; preprocessing/text_embeddings.py); off by default.
 
 Input files (CSV with a header; columns are found by name, extra columns are ignored):
 
@@ -303,7 +306,35 @@ def click_pairs(input_dir: str, headers: Dict[str, List[str]],
                   eval_fraction=fractions[0], test_fraction=fractions[1],
                   split_cutoffs_ms={"eval": cutoffs[0], "test": cutoffs[1]})
     clicks = train_clicks
-    wanted = {item for _, item in clicks}
+    captions = read_captions(input_dir, headers, {item for _, item in clicks})
+    pairs = [(q, captions[i]) for q, i in clicks if captions.get(i)]
+    keys = [i for _, i in clicks if captions.get(i)]
+    counts["click_pairs_without_caption"] = len(clicks) - len(pairs)
+    return pairs, keys, query_tokens, counts
+
+
+def feed_engagements(input_dir: str, headers: Dict[str, List[str]]):
+    """(user, timestamp, item, watch ratio, liked) of every clicked feed impression of
+    rec_inter, the watch ratio as ParseFeedAction computes it; unparsable rows are skipped
+    (the pipeline sends them to the dead letters)."""
+    for row in _iter_csv(os.path.join(input_dir, REC_INTER), headers[REC_INTER]):
+        try:
+            user, item = normalise_id(row["user_id"]), normalise_id(row["item_id"])
+            if not user or not item or parse_flag(row["click"], "click") <= 0:
+                continue
+            timestamp = parse_int(row["timestamp"], "timestamp")
+            playing, duration = (parse_float(row[c], c) if row[c].strip().lower() not in _MISSING
+                                 else 0.0 for c in ("playing_time", "duration_ms"))
+            liked = parse_flag(row["like"], "like") > 0
+        except ValueError:
+            continue
+        ratio = min(max(playing, 0.0) / duration, WATCH_RATIO_CAP) if duration > 0 else 0.0
+        yield user, timestamp, item, ratio, liked
+
+
+def read_captions(input_dir: str, headers: Dict[str, List[str]],
+                  wanted) -> Dict[str, Tuple[int, ...]]:
+    """Caption tokens of the `wanted` item ids (first parsable row of each)."""
     captions: Dict[str, Tuple[int, ...]] = {}
     for row in _iter_csv(os.path.join(input_dir, ITEM_FEATURES), headers[ITEM_FEATURES]):
         item = normalise_id(row["item_id"])
@@ -312,15 +343,30 @@ def click_pairs(input_dir: str, headers: Dict[str, List[str]],
                 captions[item] = parse_token_list(row["caption"], "caption")
             except ValueError:
                 continue
-    pairs = [(q, captions[i]) for q, i in clicks if captions.get(i)]
-    keys = [i for _, i in clicks if captions.get(i)]
-    counts["click_pairs_without_caption"] = len(clicks) - len(pairs)
-    return pairs, keys, query_tokens, counts
+    return captions
+
+
+def coengagement_caption_pairs(input_dir: str, headers: Dict[str, List[str]], config,
+                               cutoff_ms: int):
+    """Item pairs of the text two-tower from feed co-engagement before the eval cutoff
+    (preprocessing/text_embeddings.py, `coengagement_pairs`): (caption, caption) pairs, the
+    second item's ids, and counts."""
+    from preprocessing.text_embeddings import coengagement_pairs
+
+    item_pairs = coengagement_pairs(
+        feed_engagements(input_dir, headers), config.coengagement_window, cutoff_ms,
+        config.coengagement_min_watch_ratio, int(config.coengagement_max_gap_s * 1000))
+    captions = read_captions(input_dir, headers, {i for pair in item_pairs for i in pair})
+    kept = [(a, b) for a, b in item_pairs if captions.get(a) and captions.get(b)]
+    counts = {"coengagement_item_pairs": len(item_pairs),
+              "coengagement_pairs_without_caption": len(item_pairs) - len(kept)}
+    return [(captions[a], captions[b]) for a, b in kept], [b for _, b in kept], counts
 
 
 def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, object]:
     """Validates the input and trains the frozen query/item text embedding space on the clicks
-    of the train-split sessions (module docstring).
+    of the train-split sessions (module docstring), plus, with `text_tower_coengagement_share`
+    > 0, item pairs of feed co-engagement before the eval cutoff (rec_inter.csv).
 
     Returns the keyword arguments of ReadKuaiSAR: `text_encoder` (TextEncoder),
     `query_vocab` (token_id, word, embedding columns for the feature store), `tasks`,
@@ -335,7 +381,12 @@ def prepare(input_dir: str, work_dir: Optional[str], options=None) -> Dict[str, 
     headers = validate(input_dir)
     config = TextTowerConfig.from_options(options)
     pairs, keys, query_tokens, counts = click_pairs(input_dir, headers, split_fractions(options))
-    encoder, stats = train_text_encoder(pairs, config, keys, query_tokens)
+    item_pairs, item_keys = [], []
+    if config.uses_coengagement:
+        item_pairs, item_keys, co_counts = coengagement_caption_pairs(
+            input_dir, headers, config, counts["split_cutoffs_ms"]["eval"])
+        counts.update(co_counts)
+    encoder, stats = train_text_encoder(pairs, config, keys, query_tokens, item_pairs, item_keys)
     stats.update(counts)
     _save_prepared(work_dir, encoder, stats)
     return {"text_encoder": encoder, "query_vocab": encoder.query_vocab(), "tasks": TASKS,

@@ -24,6 +24,22 @@ Why this shape and not a deeper tower per side:
 * one table for both sides keeps item-item cosine (RSU stage 2) meaningful, and items that were
   never clicked are still placed in the space through the tokens they share with clicked ones.
 
+Feed co-engagement (optional, `coengagement_share` > 0; off by default). Queries name topics, so
+query-click pairs alone pull an item towards its topic and say little about sub-interests inside
+a topic. A user's deep feed engagements within a few consecutive views share topic and often the
+sub-interest the user prefers, so (item caption, item caption) pairs of items deeply engaged by
+the same user within `coengagement_window` consecutive feed behaviours (optionally at most
+`coengagement_max_gap_s` apart) are mixed into the SAME in-batch softmax: every candidate is an
+item text, so click pairs and item pairs are negatives of each other, and the query tower is
+unchanged (an item text on the query side goes through the same `encode`). Deep = watch ratio
+>= `coengagement_min_watch_ratio` or liked (`coengagement_pairs`). The readers pass only feed
+behaviours strictly before the eval cutoff, the same cutoff as the clicks. `coengagement_share`
+is the share of item pairs among the training pairs (subsampled with the seed when more are
+available, all of them when fewer), `coengagement_weight` scales their loss. An item's text is
+its caption alone: an item-id token would give items without an informative caption a vector
+of their own, but only items engaged before the cutoff would get one, so warm and cold items
+would live in different parts of the space (and the readers encode items from their captions).
+
 Vocabulary: the token ids that occur in the training pairs (at least `min_token_count` times,
 at most `max_vocab_size` most frequent), plus every other query token of the dataset with an
 all-zero vector (it leaves the direction of a normalised mean unchanged, and keeps the tokens a
@@ -69,6 +85,12 @@ class TextTowerConfig:
     max_vocab_size: int = 1_000_000
     seed: int = 0
     log_every_steps: int = 500
+    # feed co-engagement item pairs (module docstring); share 0 = off (query-click pairs only)
+    coengagement_share: float = 0.0
+    coengagement_weight: float = 1.0
+    coengagement_window: int = 10  # consecutive feed behaviours of one user
+    coengagement_max_gap_s: float = 0.0  # 0: no time limit within the window
+    coengagement_min_watch_ratio: float = 0.8
 
     def validate(self) -> "TextTowerConfig":
         for name in ("embedding_dim", "epochs", "max_steps", "batch_size", "min_token_count",
@@ -77,7 +99,18 @@ class TextTowerConfig:
                 raise ValueError(f"text tower {name} must be >= 1 (got {getattr(self, name)!r})")
         if not self.learning_rate > 0 or not self.temperature > 0:
             raise ValueError("text tower learning_rate and temperature must be > 0")
+        if not 0.0 <= self.coengagement_share < 1.0:
+            raise ValueError("text tower coengagement_share must be in [0, 1) "
+                             f"(got {self.coengagement_share!r})")
+        if not self.coengagement_weight > 0 or int(self.coengagement_window) < 1 \
+                or self.coengagement_max_gap_s < 0:
+            raise ValueError("text tower coengagement_weight must be > 0, coengagement_window "
+                             ">= 1 and coengagement_max_gap_s >= 0")
         return self
+
+    @property
+    def uses_coengagement(self) -> bool:
+        return self.coengagement_share > 0
 
     @classmethod
     def from_options(cls, options) -> "TextTowerConfig":
@@ -85,7 +118,9 @@ class TextTowerConfig:
 
         Recognised names: embedding_dim, seed, text_tower_epochs, text_tower_max_steps,
         text_tower_batch_size, text_tower_learning_rate, text_tower_temperature,
-        text_tower_min_token_count, text_tower_max_vocab_size.
+        text_tower_min_token_count, text_tower_max_vocab_size, text_tower_coengagement_share,
+        text_tower_coengagement_weight, text_tower_coengagement_window,
+        text_tower_coengagement_max_gap_s, text_tower_coengagement_min_watch_ratio.
         """
         def get(name):
             if options is None:
@@ -210,6 +245,42 @@ def build_vocabulary(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
     return np.asarray([t for _, t in kept[:config.max_vocab_size]], dtype=np.int64)
 
 
+FeedEngagement = Tuple[str, int, str, float, bool]  # (user, time ms, item, watch ratio, liked)
+
+
+def coengagement_pairs(events: Iterable[FeedEngagement], window: int, cutoff_ms: int,
+                       min_watch_ratio: float = 0.8, max_gap_ms: int = 0
+                       ) -> List[Tuple[str, str]]:
+    """(earlier item, later item) pairs deeply engaged by one user within `window` consecutive
+    feed behaviours (module docstring), in user order then time order.
+
+    `events` are a user's feed behaviours (any order; equal times keep their input order).
+    Behaviours at or after `cutoff_ms` are dropped first: a pair never involves one, and since
+    they come after every kept behaviour they do not move the windows of the kept ones. Shallow
+    behaviours count towards the window but make no pair; deep = watch ratio >= min_watch_ratio
+    or liked. Pairs of an item with itself are left out; `max_gap_ms` > 0 also drops pairs more
+    than that far apart in time.
+    """
+    by_user: Dict[str, List[Tuple[int, int, str, bool]]] = {}
+    for n, (user, time_ms, item, watch_ratio, liked) in enumerate(events):
+        if int(time_ms) >= cutoff_ms:
+            continue
+        deep = float(watch_ratio) >= min_watch_ratio or bool(liked)
+        by_user.setdefault(str(user), []).append((int(time_ms), n, str(item), deep))
+    pairs: List[Tuple[str, str]] = []
+    for user in sorted(by_user):
+        feed = sorted(by_user[user])
+        for i, (t_i, _, item_i, deep_i) in enumerate(feed):
+            if not deep_i:
+                continue
+            for t_j, _, item_j, deep_j in feed[i + 1:i + 1 + window]:
+                if max_gap_ms and t_j - t_i > max_gap_ms:
+                    break
+                if deep_j and item_j != item_i:
+                    pairs.append((item_i, item_j))
+    return pairs
+
+
 def _pad(rows: List[List[int]], length: int) -> np.ndarray:
     out = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
@@ -222,6 +293,8 @@ def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
                        config: Optional[TextTowerConfig] = None,
                        item_keys: Optional[Sequence[str]] = None,
                        query_tokens: Iterable[int] = (),
+                       item_pairs: Sequence[Tuple[Sequence[int], Sequence[int]]] = (),
+                       item_pair_keys: Optional[Sequence[str]] = None,
                        ) -> Tuple[TextEncoder, Dict[str, object]]:
     """Trains the two-tower on (query tokens, clicked item tokens) pairs; returns the frozen
     encoder and training statistics (pairs used/skipped, steps, first/last loss, seconds).
@@ -235,8 +308,30 @@ def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
     with an all-zero vector when training did not see them: a zero vector leaves the direction
     of a normalised mean unchanged, and the serving client (which keeps only vocabulary
     tokens) then sees the same query tokens as the training examples.
+
+    `item_pairs` (item caption tokens, co-engaged item caption tokens), with the second item's
+    id in `item_pair_keys`, are mixed in when `config.coengagement_share` > 0 (module
+    docstring, `mix_item_pairs`); otherwise they are ignored and training is today's.
     """
-    encoder, stats = _train(pairs, (config or TextTowerConfig()).validate(), item_keys)
+    config = (config or TextTowerConfig()).validate()
+    pairs = list(pairs)
+    keys = list(item_keys) if item_keys is not None else [f"#{n}" for n in range(len(pairs))]
+    kinds = [0] * len(pairs)
+    extra_stats: Dict[str, object] = {}
+    if config.uses_coengagement:
+        chosen = mix_item_pairs(len(pairs), len(item_pairs), config.coengagement_share,
+                                config.seed)
+        item_pair_keys = item_pair_keys if item_pair_keys is not None else \
+            [f"@{n}" for n in range(len(item_pairs))]
+        pairs += [item_pairs[k] for k in chosen]
+        keys += [str(item_pair_keys[k]) for k in chosen]
+        kinds += [1] * len(chosen)
+        extra_stats = {"coengagement_pairs_available": len(item_pairs),
+                       "coengagement_pairs_drawn": len(chosen),
+                       "coengagement_share": config.coengagement_share,
+                       "coengagement_weight": config.coengagement_weight}
+    encoder, stats = _train(pairs, config, keys, kinds)
+    stats.update(extra_stats)
     known = set(encoder.token_ids.tolist())
     extra = sorted({int(t) for t in query_tokens} - known)
     stats["untrained_query_tokens"] = len(extra)
@@ -247,26 +342,51 @@ def train_text_encoder(pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
     return encoder, stats
 
 
-def _train(pairs, config: TextTowerConfig, item_keys) -> Tuple[TextEncoder, Dict[str, object]]:
+def mix_item_pairs(num_click_pairs: int, num_item_pairs: int, share: float,
+                   seed: int) -> List[int]:
+    """Indices of the item pairs to train on, so that they make up `share` of all training
+    pairs: round(num_click_pairs * share / (1 - share)) of them drawn without replacement
+    (seeded, in index order), or all when fewer are available (or there is no click pair)."""
+    if share <= 0 or num_item_pairs == 0:
+        return []
+    wanted = round(num_click_pairs * share / (1.0 - share)) if num_click_pairs else num_item_pairs
+    if wanted >= num_item_pairs:
+        return list(range(num_item_pairs))
+    rng = np.random.default_rng([int(seed), 1])
+    return sorted(rng.choice(num_item_pairs, wanted, replace=False).tolist())
+
+
+def _train(pairs, config: TextTowerConfig, item_keys, kinds=None
+           ) -> Tuple[TextEncoder, Dict[str, object]]:
+    """`kinds[n]` = 0 for a (query, clicked item) pair, 1 for a co-engaged item pair."""
     started = time.time()
+    kinds = kinds if kinds is not None else [0] * len(pairs)
     vocab = build_vocabulary(pairs, config)
     index = {int(t): k + 1 for k, t in enumerate(vocab.tolist())}
-    queries, items, keys = [], [], []
+    queries, items, keys, weights = [], [], [], []
     key_index: Dict[str, int] = {}
     skipped = 0
+    used_item_pairs = 0
     for n, (query, item) in enumerate(pairs):
         q = [index[t] for t in (int(x) for x in query) if t in index]
         i = [index[t] for t in (int(x) for x in item) if t in index]
         if not q or not i:
             skipped += 1
             continue
-        queries.append(q)
+        # a click's query keeps the serving client's first MAX_QUERY_TOKENS known tokens; an
+        # item text on the query side is truncated like any item text
+        queries.append(q[:MAX_ITEM_TRAIN_TOKENS if kinds[n] else MAX_QUERY_TRAIN_TOKENS])
         items.append(i)
         key = item_keys[n] if item_keys is not None else str(n)
         keys.append(key_index.setdefault(key, len(key_index)))
+        weights.append(config.coengagement_weight if kinds[n] else 1.0)
+        used_item_pairs += kinds[n]
     stats: Dict[str, object] = {"pairs": len(pairs), "pairs_used": len(queries),
                                 "pairs_skipped_no_tokens": skipped, "vocab_size": len(vocab),
                                 "embedding_dim": config.embedding_dim, "seed": config.seed}
+    if used_item_pairs:
+        stats.update(coengagement_pairs_used=used_item_pairs,
+                     coengagement_share_used=round(used_item_pairs / len(queries), 4))
     dim = config.embedding_dim
     if not queries:
         stats.update(steps=0, seconds=round(time.time() - started, 3))
@@ -296,12 +416,16 @@ def _train(pairs, config: TextTowerConfig, item_keys) -> Tuple[TextEncoder, Dict
 
         def compute_loss(self, batch, training=False):
             return self.task(self.encode(batch["query"]), self.encode(batch["item"]),
+                             sample_weight=batch.get("weight"),
                              candidate_ids=batch["key"], compute_metrics=False,
                              compute_batch_metrics=False)
 
-    data = {"query": _pad(queries, MAX_QUERY_TRAIN_TOKENS),
+    data = {"query": _pad(queries, max(len(q) for q in queries)
+                          if used_item_pairs else MAX_QUERY_TRAIN_TOKENS),
             "item": _pad(items, MAX_ITEM_TRAIN_TOKENS),
             "key": np.asarray(keys, np.int64)}
+    if used_item_pairs and config.coengagement_weight != 1.0:
+        data["weight"] = np.asarray(weights, np.float32)
     steps_per_epoch = -(-len(queries) // config.batch_size)
     total_steps = min(config.max_steps, steps_per_epoch * config.epochs)
     dataset = (tf.data.Dataset.from_tensor_slices(data)

@@ -119,3 +119,192 @@ def test_untrained_query_tokens_join_the_vocabulary_with_zero_vectors():
     known = [t for t in long_query if encoder.rows([t])][:F.MAX_QUERY_TOKENS]
     expected = normalised_mean(np.stack([encoder.table[encoder.rows([t])[0]] for t in known]))
     np.testing.assert_allclose(encoder.encode_query(long_query), expected, rtol=1e-5, atol=1e-7)
+
+
+# ---- feed co-engagement item pairs -----------------------------------------------------------
+def test_coengagement_pairs_follow_window_depth_and_cutoff():
+    from preprocessing.text_embeddings import coengagement_pairs
+
+    feed = [  # (user, time ms, item, watch ratio, liked), deliberately out of order
+        ("u1", 40, "D", 1.0, False),
+        ("u1", 10, "A", 0.9, False),
+        ("u2", 5, "X", 0.8, False),   # the threshold itself is deep
+        ("u1", 120, "E", 1.0, True),  # after the cutoff: never in a pair
+        ("u1", 20, "B", 0.2, False),  # shallow: counts towards the window, makes no pair
+        ("u1", 30, "C", 0.1, True),   # liked: deep
+        ("u2", 5, "Y", 0.95, False),  # same time as X, after it in the input
+        ("u1", 50, "A", 0.85, False),
+        ("u2", 99, "X", 1.0, False),
+        ("u2", 60, "Z", 0.79, False),  # just below the threshold
+    ]
+    # u1 by time: A B C D A (E dropped); u2: X Y Z X
+    assert coengagement_pairs(feed, window=2, cutoff_ms=100) == [
+        ("A", "C"), ("C", "D"), ("C", "A"), ("D", "A"), ("X", "Y"), ("Y", "X")]
+    assert coengagement_pairs(feed, window=3, cutoff_ms=100) == [
+        ("A", "C"), ("A", "D"), ("C", "D"), ("C", "A"), ("D", "A"), ("X", "Y"), ("Y", "X")]
+    # a gap limit stops the window at the first behaviour too far away
+    assert coengagement_pairs(feed, window=3, cutoff_ms=100, max_gap_ms=15) == [
+        ("C", "D"), ("D", "A"), ("X", "Y")]
+    # an earlier cutoff drops A@50 and X@99: nothing of theirs pairs any more
+    assert coengagement_pairs(feed, window=3, cutoff_ms=50) == [
+        ("A", "C"), ("A", "D"), ("C", "D"), ("X", "Y")]
+    # E (at 120) pairs as soon as the cutoff lets it in, never at or before its time
+    assert ("A", "E") in coengagement_pairs(feed, 10, cutoff_ms=121)
+    assert all("E" not in pair for pair in coengagement_pairs(feed, 10, cutoff_ms=120))
+    assert coengagement_pairs(feed, 2, cutoff_ms=100, min_watch_ratio=0.79)[-4:] == [
+        ("X", "Z"), ("Y", "Z"), ("Y", "X"), ("Z", "X")]
+
+
+def test_mix_item_pairs_draws_the_asked_share_deterministically():
+    from preprocessing.text_embeddings import mix_item_pairs
+
+    assert mix_item_pairs(100, 500, 0.0, 0) == []
+    drawn = mix_item_pairs(100, 500, 0.5, 3)
+    assert len(drawn) == 100 and drawn == sorted(set(drawn)) and drawn == mix_item_pairs(
+        100, 500, 0.5, 3)
+    assert drawn != mix_item_pairs(100, 500, 0.5, 4)
+    assert len(mix_item_pairs(300, 500, 0.25, 0)) == 100
+    assert mix_item_pairs(100, 30, 0.5, 0) == list(range(30))  # fewer available: all of them
+    assert mix_item_pairs(0, 30, 0.5, 0) == list(range(30))
+
+
+def test_item_pairs_are_ignored_unless_a_share_is_set(trained):
+    encoder, _, _ = trained
+    pairs, keys, captions = _clicks()
+    item_pairs = [(captions[0], captions[4])] * 50
+    again, stats = train_text_encoder(pairs, TextTowerConfig(**CONFIG), keys, (), item_pairs,
+                                      ["4"] * 50)
+    np.testing.assert_array_equal(again.table, encoder.table)  # today's training, bit for bit
+    assert "coengagement_pairs_used" not in stats
+    with pytest.raises(ValueError, match="coengagement_share"):
+        TextTowerConfig(coengagement_share=1.0).validate()
+    config = TextTowerConfig.from_options({"text_tower_coengagement_share": "0.3",
+                                           "text_tower_coengagement_window": 4})
+    assert (config.coengagement_share, config.coengagement_window) == (0.3, 4)
+
+
+def _planted_groups(seed=0, items_per_group=12, num_pairs=600):
+    """Two topics of two groups each. Captions: a topic word (shared by both groups of the
+    topic, which queries also use), a group word and a filler word; queries click items of
+    both groups of their topic alike, so clicks alone have no reason to tell the groups apart.
+    Feed co-engagement pairs two items of the same group (a user's preferred sub-interest)."""
+    rng = np.random.default_rng(seed)
+    captions, group_of = {}, {}
+    for item in range(4 * items_per_group):
+        group = item % 4
+        topic = group // 2
+        captions[item] = [100 + 10 * topic + int(rng.integers(0, 2)),
+                          500 + 10 * group + int(rng.integers(0, 2)),
+                          5000 + int(rng.integers(0, 40))]
+        group_of[item] = group
+    clicks, click_keys, item_pairs, item_keys = [], [], [], []
+    for _ in range(num_pairs):
+        topic = int(rng.integers(0, 2))
+        item = int(rng.integers(0, items_per_group)) * 4 + 2 * topic + int(rng.integers(0, 2))
+        clicks.append(([100 + 10 * topic + int(rng.integers(0, 2))], captions[item]))
+        click_keys.append(str(item))
+        group = int(rng.integers(0, 4))
+        a, b = rng.choice(items_per_group, 2, replace=False) * 4 + group
+        item_pairs.append((captions[int(a)], captions[int(b)]))
+        item_keys.append(str(int(b)))
+    return clicks, click_keys, item_pairs, item_keys, captions, group_of
+
+
+def _group_gap(encoder, captions, group_of):
+    """Mean cosine of items of one group minus that of items of the other group of the same
+    topic (the sub-interest separation), and the same-topic minus other-topic gap."""
+    vectors = {i: encoder.encode(c) for i, c in captions.items()}
+    same, sibling, other = [], [], []
+    for i in vectors:
+        for j in vectors:
+            if i < j:
+                cos = float(vectors[i] @ vectors[j])
+                gi, gj = group_of[i], group_of[j]
+                (same if gi == gj else sibling if gi // 2 == gj // 2 else other).append(cos)
+    return np.mean(same) - np.mean(sibling), np.mean(sibling) - np.mean(other)
+
+
+def test_coengagement_separates_groups_that_share_caption_words():
+    clicks, click_keys, item_pairs, item_keys, captions, group_of = _planted_groups()
+    config = dict(CONFIG, epochs=6)
+    base, _ = train_text_encoder(clicks, TextTowerConfig(**config), click_keys)
+    mixed, stats = train_text_encoder(
+        clicks, TextTowerConfig(**config, coengagement_share=0.5), click_keys, (), item_pairs,
+        item_keys)
+    assert stats["coengagement_pairs_used"] == 600 and stats["coengagement_share_used"] == 0.5
+    base_groups, base_topics = _group_gap(base, captions, group_of)
+    mixed_groups, mixed_topics = _group_gap(mixed, captions, group_of)
+    # measured: 0.05 without, 0.51 with co-engagement
+    assert base_groups < 0.15 and mixed_groups > base_groups + 0.25, (base_groups, mixed_groups)
+    assert mixed_topics > 0.2, mixed_topics  # topics stay apart (measured 0.69 -> 0.38)
+    # the query tower is unchanged: a topic query is still closest to its own topic's items
+    for topic in range(2):
+        query = mixed.encode_query([100 + 10 * topic])
+        own = [query @ mixed.encode(c) for i, c in captions.items() if group_of[i] // 2 == topic]
+        rest = [query @ mixed.encode(c) for i, c in captions.items() if group_of[i] // 2 != topic]
+        assert np.mean(own) > np.mean(rest) + 0.3
+
+
+def test_kuaisar_prepare_feeds_coengaged_captions_before_the_eval_cutoff(tmp_path, monkeypatch):
+    from preprocessing import kuaisar, text_embeddings
+    from tests.public_format_files import item_row, rec_row, src_row, write_kuaisar
+
+    t0 = 1_653_184_800_000
+    src = [src_row(1, f"s{k}", t0 + 10 * k, "[1]", 1, 1) for k in range(8)]
+    src += [src_row(1, f"h{k}", t0 + 1000 + 10 * k, "[1]", 1, 1) for k in range(2)]
+    rec = [rec_row(1, 1, 9000, 10000, t0),            # deep
+           rec_row(1, 2, 1000, 10000, t0 + 1),        # shallow
+           rec_row(1, 3, 100, 10000, t0 + 2, like=1),  # liked
+           rec_row(1, 4, 9000, 10000, t0 + 3, click=0),  # not opened: not a behaviour
+           rec_row(1, 5, 10000, 10000, t0 + 1000),    # at the eval cutoff: held out
+           rec_row(2, 6, 10000, 10000, t0 + 5), rec_row(2, 7, 10000, 10000, t0 + 6)]
+    items = [item_row(i, f"[{100 + i}, 9]", 1, 1, 1) for i in range(1, 8)]
+    directory = write_kuaisar(str(tmp_path), rec_rows=rec, src_rows=src, item_rows=items)
+    fed = {}
+    real = text_embeddings.train_text_encoder
+
+    def spy(pairs, config, keys, query_tokens, item_pairs=(), item_pair_keys=None):
+        fed.update(item_pairs=list(item_pairs), keys=list(item_pair_keys or []))
+        return real(pairs, config, keys, query_tokens, item_pairs, item_pair_keys)
+
+    monkeypatch.setattr(text_embeddings, "train_text_encoder", spy)
+    options = {"embedding_dim": 4, "text_tower_epochs": 1, "eval_fraction": 0.1,
+               "test_fraction": 0.1, "text_tower_coengagement_share": 0.5,
+               "text_tower_coengagement_window": 3}
+    stats = kuaisar.prepare(directory, None, options)["text_tower_stats"]
+    assert stats["split_cutoffs_ms"]["eval"] == t0 + 1000
+    assert fed["item_pairs"] == [((101, 9), (103, 9)), ((106, 9), (107, 9))]
+    assert fed["keys"] == ["3", "7"] and stats["coengagement_item_pairs"] == 2
+    monkeypatch.setattr(text_embeddings, "train_text_encoder", real)
+    default = kuaisar.prepare(directory, None, {k: v for k, v in options.items()
+                                                if "coengagement" not in k})
+    assert "coengagement_item_pairs" not in default["text_tower_stats"]
+
+
+def test_jdsearch_prepare_feeds_coengaged_names_before_the_eval_cutoff(tmp_path, monkeypatch):
+    from preprocessing import jdsearch, text_embeddings
+    from tests.public_format_files import jd_line, jd_product, write_jdsearch
+
+    lines = [jd_line([1], ["p1"], [1], history=[(None, "p1", "FLW"), (None, "p2", "CLICK"),
+                                                (None, "p3", "CART"), ([5], "p4", "ORD")],
+                     gaps=[0, 10, 10, 10, 10])]  # feed p1 (deep), p2 (shallow), p3 (deep)
+    lines += [jd_line([1], ["p1"], [1], gaps=[100 + 10 * k]) for k in range(8)]
+    # requests at 40 s, 100..170 s and 501 s: T_eval = 170 s, so p6 (at 500 s) is held out
+    lines.append(jd_line([1], ["p1"], [1], history=[(None, "p5", "FLW"), (None, "p6", "FLW")],
+                         gaps=[0, 500, 1]))
+    products = [jd_product(f"p{i}", [100 + i, 9], "b", "c1", "c2") for i in range(1, 7)]
+    directory = write_jdsearch(str(tmp_path), lines, products)
+    fed = {}
+    real = text_embeddings.train_text_encoder
+
+    def spy(pairs, config, keys, query_tokens, item_pairs=(), item_pair_keys=None):
+        fed.update(item_pairs=list(item_pairs), keys=list(item_pair_keys or []))
+        return real(pairs, config, keys, query_tokens, item_pairs, item_pair_keys)
+
+    monkeypatch.setattr(text_embeddings, "train_text_encoder", spy)
+    stats = jdsearch.prepare(directory, None, {
+        "embedding_dim": 4, "text_tower_epochs": 1, "eval_fraction": 0.1, "test_fraction": 0.1,
+        "text_tower_coengagement_share": 0.5})["text_tower_stats"]
+    assert stats["split_cutoffs_ms"]["eval"] == jdsearch.BASE_TIME_MS + 170_000
+    assert fed["item_pairs"] == [((101, 9), (103, 9))] and fed["keys"] == ["p3"]
+    assert stats["coengagement_item_pairs"] == 1
