@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from common import features as F
 from common.feature_store import FEATURE_STORE_FILE, SqliteFeatureStore
+from tests.tiny_dataset import write_side_files
 
 NOW = 5_000_000
 WORDS = ("topic0", "topic1", "topic2", "topic3")
@@ -88,13 +89,7 @@ def write_retrieval_dataset(directory, requests_per_split=(400, 40, 120), num_it
                            num_categories=topics * 2, num_users=20, query_token_buckets=50,
                            profile_buckets=20, long_term_length=40, real_time_length=10,
                            max_candidates=12, has_true_probabilities=True)
-    os.makedirs(os.path.join(directory, F.VOCAB_DIR), exist_ok=True)
-    np.save(os.path.join(directory, F.ITEM_EMBEDDINGS_FILE), emb.astype(np.float32))
-    for name, size in (("items", num_items), ("authors", 10), ("categories", topics * 2),
-                       ("users", 20)):
-        with open(os.path.join(directory, F.VOCAB_DIR, f"{name}.txt"), "w") as f:
-            f.write("".join(f"{name[0]}{k}\n" for k in range(1, size + 1)))
-    md.save(directory)
+    write_side_files(directory, md, emb)
 
     def category(items):
         return np.stack([item_topic[items] + 1, item_topic[items] + 1 + topics], axis=-1)

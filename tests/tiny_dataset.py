@@ -37,13 +37,7 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                            "tests.tiny_dataset: list order, planted position effect")
     watch_rng = np.random.default_rng(seed + 1)
     duration = watch_rng.uniform(5.0, 60.0, num_items + 1)
-    os.makedirs(os.path.join(directory, F.VOCAB_DIR), exist_ok=True)
-    np.save(os.path.join(directory, F.ITEM_EMBEDDINGS_FILE), emb.astype(np.float32))
-    for name, size in (("items", num_items), ("authors", 10), ("categories", topics * 2),
-                       ("users", 20)):
-        with open(os.path.join(directory, F.VOCAB_DIR, f"{name}.txt"), "w") as f:
-            f.write("".join(f"{name[0]}{k}\n" for k in range(1, size + 1)))
-    md.save(directory)
+    write_side_files(directory, md, emb)
 
     def category(items):
         return np.stack([item_topic[items] + 1, item_topic[items] + 1 + topics], axis=-1)
@@ -96,3 +90,15 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                     r[F.true_prob_feature(F.WATCH_TIME)] = p * duration[cands] * 0.6
                 writer.write(F.make_example(r, md.tasks).SerializeToString())
     return directory
+
+
+def write_side_files(directory, md, embeddings):
+    """What a preprocessing run writes beside its TFRecords, for a tiny dataset: metadata.json,
+    item_embeddings.npy and the vocabularies (ids i1.., a1.., c1.., u1..; index 0 = unknown)."""
+    os.makedirs(os.path.join(directory, F.VOCAB_DIR), exist_ok=True)
+    np.save(os.path.join(directory, F.ITEM_EMBEDDINGS_FILE), embeddings.astype(np.float32))
+    for name, size in (("items", md.num_items), ("authors", md.num_authors),
+                       ("categories", md.num_categories), ("users", md.num_users)):
+        with open(os.path.join(directory, F.VOCAB_DIR, f"{name}.txt"), "w") as f:
+            f.write("".join(f"{name[0]}{k}\n" for k in range(1, size + 1)))
+    md.save(directory)
