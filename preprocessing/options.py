@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text-tower-max-steps", type=int, default=None,
                       help="cap on training steps")
     text.add_argument("--text-tower-batch-size", type=int, default=None, help="batch size")
+    text.add_argument("--text-tower-coengagement-share", type=float, default=None,
+                      help="share of feed co-engagement item pairs (deep engagements of one "
+                           "user close in time, before the eval cutoff) among the tower's "
+                           "training pairs; 0 = off (the default: clicks only)")
+    text.add_argument("--text-tower-coengagement-window", type=int, default=None,
+                      help="two deep engagements pair when at most this many feed behaviours "
+                           "apart")
+    text.add_argument("--text-tower-coengagement-weight", type=float, default=None,
+                      help="loss weight of a co-engagement pair")
+    text.add_argument("--text-tower-coengagement-max-gap-s", type=float, default=None,
+                      help="and at most this many seconds apart (0 = no limit)")
+    text.add_argument("--text-tower-coengagement-min-watch-ratio", type=float, default=None,
+                      help="watch ratio from which a feed behaviour is deep (a like is deep "
+                           "too)")
     p.add_argument("--no-feature-store", action="store_true",
                    help="skip writing OUT/feature_store.sqlite")
     return p

@@ -308,3 +308,17 @@ def test_jdsearch_prepare_feeds_coengaged_names_before_the_eval_cutoff(tmp_path,
     assert stats["split_cutoffs_ms"]["eval"] == jdsearch.BASE_TIME_MS + 170_000
     assert fed["item_pairs"] == [((101, 9), (103, 9))] and fed["keys"] == ["p3"]
     assert stats["coengagement_item_pairs"] == 1
+
+
+def test_coengagement_settings_reach_the_text_tower_from_the_command_line():
+    from preprocessing import options
+
+    args, _ = options.parse_args(["--input-format", "kuaisar", "--input", "x", "--output", "y",
+                                  "--text-tower-coengagement-share", "0.5",
+                                  "--text-tower-coengagement-window", "7",
+                                  "--text-tower-coengagement-min-watch-ratio", "0.9"])
+    config = TextTowerConfig.from_options(args)
+    assert (config.coengagement_share, config.coengagement_window,
+            config.coengagement_min_watch_ratio) == (0.5, 7, 0.9)
+    default, _ = options.parse_args(["--input-format", "kuaisar", "--input", "x", "--output", "y"])
+    assert TextTowerConfig.from_options(default).coengagement_share == 0.0
