@@ -86,8 +86,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 
 def candidate_drivers(selected_index: np.ndarray, selected_weight: np.ndarray,
                       long_history: Sequence[Mapping[str, Any]], now_ms: int,
-                      limit: int, embedding_of: Optional[Callable[[str], Optional[np.ndarray]]]
-                      = None, target_embedding: Optional[np.ndarray] = None) -> List[Driver]:
+                      limit: int, embeddings: Optional[Mapping[str, np.ndarray]] = None,
+                      target_embedding: Optional[np.ndarray] = None) -> List[Driver]:
     """The behaviours that drove one candidate's score, as a reader needs them.
 
     `selected_index` / `selected_weight` are the candidate's `rsu_selected_index` /
@@ -95,8 +95,9 @@ def candidate_drivers(selected_index: np.ndarray, selected_weight: np.ndarray,
     item become one driver (weights summed, views counted). QIN's stage 2 keeps the behaviours
     most similar to the candidate and its attention over them is nearly flat (about 1/K2
     each), so ordering by weight alone would show the same few behaviours under every result;
-    with embeddings given, drivers are ordered by weight x max(similarity to the candidate, 0)
-    (then weight), which names the attended behaviours that resemble this item most.
+    with `embeddings` (raw item id -> content vector) given, drivers are ordered by weight x
+    max(similarity to the candidate, 0) (then weight), which names the attended behaviours
+    that resemble this item most.
     """
     merged: Dict[str, Driver] = {}
     for pos, weight in zip(selected_index, selected_weight):
@@ -114,28 +115,36 @@ def candidate_drivers(selected_index: np.ndarray, selected_weight: np.ndarray,
             if seconds < d.seconds_before:
                 d.position, d.seconds_before = int(pos), seconds
     drivers = list(merged.values())
-    if embedding_of is not None and target_embedding is not None:
+    if embeddings is not None and target_embedding is not None:
         for d in drivers:
-            vector = embedding_of(d.item_id)
+            vector = embeddings.get(d.item_id)
             d.target_similarity = None if vector is None else _cosine(vector, target_embedding)
     drivers.sort(key=lambda d: (-d.weight * max(d.target_similarity or 0.0, 0.0), -d.weight,
                                 d.position))
     return drivers[:limit]
 
 
-def embedding_lookup(store: "FeatureStoreView", table: Optional[np.ndarray] = None
-                     ) -> Callable[[str], Optional[np.ndarray]]:
-    """raw item id -> its content embedding (None when unknown), from the store's table
-    (`table`: that table when the caller already holds it); ids are looked up once each."""
-    table = store.item_embeddings() if table is None else table
-    cache: Dict[str, Optional[np.ndarray]] = {}
+def embeddings_by_id(store: "FeatureStoreView", item_ids: Sequence[str]
+                     ) -> Dict[str, np.ndarray]:
+    """raw item id -> content embedding for the known ones among `item_ids`, in one vocabulary
+    lookup and one item read (per request, not per behaviour)."""
+    ids = sorted({str(i) for i in item_ids})
+    if not ids:
+        return {}
+    indices = store.item_index(ids)
+    known = [(i, int(x)) for i, x in zip(ids, indices) if x > 0]
+    if not known:
+        return {}
+    vectors = store.items([x for _, x in known])["embedding"]
+    return {i: vectors[n] for n, (i, _) in enumerate(known)}
 
-    def lookup(item_id: str) -> Optional[np.ndarray]:
-        if item_id not in cache:
-            index = int(store.item_index([item_id])[0])
-            cache[item_id] = table[index] if 0 < index < len(table) else None
-        return cache[item_id]
-    return lookup
+
+def attended_item_ids(selected_index: np.ndarray, long_history: Sequence[Mapping[str, Any]]
+                      ) -> List[str]:
+    """Raw item ids of the long-term positions in `selected_index` (any shape; -1 = none)."""
+    positions = np.unique(np.asarray(selected_index).reshape(-1))
+    return [str(long_history[int(p)]["item_id"]) for p in positions
+            if 0 <= p < len(long_history)]
 
 
 @dataclasses.dataclass
@@ -334,13 +343,16 @@ def rank(stub, store: FeatureStoreView, user_id: str, query: str, top_k: int = D
     score = out[S.SCORE][0, :n]
     order = np.argsort(-score, kind="stable")[:top_k]
     ranked = []
-    # A store without an embedding table (a minimal FeatureStoreView) orders by weight alone.
-    embedding_of = embedding_lookup(store) if hasattr(store, "item_embeddings") else None
+    # One lookup for every behaviour and candidate shown, not one per driver; a minimal
+    # FeatureStoreView without the id lookup orders drivers by weight alone.
+    embeddings = embeddings_by_id(store, attended_item_ids(
+        out[S.RSU_SELECTED_INDEX][0, order], long_history) + [
+            str(retrieved["item_id"][c]) for c in order]) \
+        if hasattr(store, "item_index") else {}
     for c in order:
         drivers = candidate_drivers(
             out[S.RSU_SELECTED_INDEX][0, c], out[S.RSU_SELECTED_WEIGHT][0, c], long_history,
-            now_ms, max_drivers, embedding_of,
-            embedding_of(str(retrieved["item_id"][c])) if embedding_of else None)
+            now_ms, max_drivers, embeddings, embeddings.get(str(retrieved["item_id"][c])))
         ranked.append(RankedItem(
             item_id=str(retrieved["item_id"][c]), score=float(score[c]),
             task_scores={t: float(out[t][0, c]) for t in metadata.tasks},

@@ -173,8 +173,6 @@ class Searcher:
         self.metadata = store.metadata()
         self._item_embeddings = store.item_embeddings() if hasattr(store, "item_embeddings") \
             else None
-        self._embedding_of = (C.embedding_lookup(store, self._item_embeddings)
-                              if self._item_embeddings is not None else None)
         self._pool = concurrent.futures.ThreadPoolExecutor(len(SOURCES),
                                                            thread_name_prefix="retrieve")
 
@@ -353,6 +351,8 @@ class Searcher:
         top = np.argsort(-score, kind="stable")[:k]
         seeds = self._seeds([qrcf_items[int(indices[c])] for c in top
                              if int(indices[c]) in qrcf_items], now_ms)
+        embeddings = C.embeddings_by_id(self.store, C.attended_item_ids(
+            out[S.RSU_SELECTED_INDEX][0, top], long_history))
         for c in top:
             item = int(indices[c])
             sources = {s: hits[s][item] for s in SOURCES if s in hits and item in hits[s]}
@@ -360,8 +360,10 @@ class Searcher:
                 item_id=str(items["item_id"][c]), item_index=item, score=float(score[c]),
                 task_scores={task: float(out[task][0, c]) for task in md.tasks},
                 sources=sources, qrcf_seeds=seeds.get(item, []),
-                drivers=self._drivers(out, c, long_history, now_ms,
-                                      items["embedding"][c] if "embedding" in items else None)))
+                drivers=C.candidate_drivers(
+                    out[S.RSU_SELECTED_INDEX][0, c], out[S.RSU_SELECTED_WEIGHT][0, c],
+                    long_history, now_ms, self.config.max_drivers, embeddings,
+                    items["embedding"][c] if "embedding" in items else None)))
         timings["total"] = round((time.perf_counter() - started) * 1000, 3)
         return SearchResult(user_id, query, now_ms, personalized, ranked, notes, counts, timings,
                             int(response.model_spec.version.value))
@@ -377,10 +379,6 @@ class Searcher:
                             relevance=c.seed.relevance, contribution=c.contribution)
                        for c in cs] for item, cs in chosen.items()}
 
-    def _drivers(self, out, c, long_history, now_ms, target_embedding) -> List[C.Driver]:
-        return C.candidate_drivers(out[S.RSU_SELECTED_INDEX][0, c],
-                                   out[S.RSU_SELECTED_WEIGHT][0, c], long_history, now_ms,
-                                   self.config.max_drivers, self._embedding_of, target_embedding)
 
 
 def format_result(result: SearchResult) -> str:

@@ -188,7 +188,7 @@ def test_candidate_drivers_merge_views_and_order_by_attention_times_similarity()
     # similarity to the target: a 0, b 0.8, c 1 -> c, b first, a last; -1 = no behaviour.
     drivers = candidate_drivers(np.array([0, 1, 2, 3, -1]),
                                 np.array([0.13, 0.25, 0.13, 0.24, 0.0]), history, 10_000, 3,
-                                vectors.get, target)
+                                vectors, target)
     assert [d.item_id for d in drivers] == ["c", "b", "a"]
     by_id = {d.item_id: d for d in drivers}
     assert by_id["a"].views == 2 and abs(by_id["a"].weight - 0.26) < 1e-9
