@@ -246,6 +246,9 @@ def model_output_names(tasks: Sequence[str]) -> List[str]:
 # ---- dataset metadata (metadata.json at the preprocessing output root) ---------------------
 METADATA_FILE = "metadata.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"  # float32 [num_items + 1, embedding_dim], row 0 = 0
+# float32 [num_items + 1] seconds, 0 = unknown (row 0 and items whose log gives no duration);
+# written only when the log gives durations (DatasetMetadata.item_durations)
+ITEM_DURATIONS_FILE = "item_durations.npy"
 VOCAB_DIR = "vocab"
 SPLITS = ("train", "eval", "test")
 LONG_TERM_MODES = ("recent", "stage1")
@@ -284,12 +287,17 @@ class DatasetMetadata:
     # before this was recorded loads as False with an empty source: order not recorded.
     display_order: bool = False
     display_order_source: str = ""
+    # True when the item log gives video durations: ITEM_DURATIONS_FILE is then written and the
+    # ranker reads each candidate's duration from it (watch time scales with it)
+    item_durations: bool = False
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
         self.engagement_names = tuple(self.engagement_names)
         if not isinstance(self.display_order, bool):
             raise ValueError(f"display_order must be true or false, got {self.display_order!r}")
+        if not isinstance(self.item_durations, bool):
+            raise ValueError(f"item_durations must be true or false, got {self.item_durations!r}")
         if not isinstance(self.display_order_source, str):
             raise ValueError("display_order_source must be a string, got "
                              f"{self.display_order_source!r}")

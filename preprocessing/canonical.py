@@ -207,7 +207,7 @@ def parse_item(row: Dict[str, Any], dim: int) -> ItemRecord:
     return ItemRecord(item_id=_text(row, "item_id"), author_id=_text(row, "author_id", False),
                       categories=(_text(row, "category_l1", False),
                                   _text(row, "category_l2", False)),
-                      embedding=_embedding(row, "embedding", dim))
+                      embedding=_embedding(row, "embedding", dim), duration_s=duration)
 
 
 def parse_user(row: Dict[str, Any]) -> UserRecord:

@@ -193,16 +193,20 @@ def build_catalog(items: List[Any]) -> Dict[str, Any]:
     author_index = {a: k + 1 for k, a in enumerate(authors)}
     category_index = {c: k + 1 for k, c in enumerate(categories)}
     rows, embeddings = {}, [None] * len(items)
+    durations = np.zeros(len(items) + 1, np.float32)  # 0 = unknown
     for k, r in enumerate(items):
         rows[r.item_id] = (k + 1, author_index.get(r.author_id, F.OOV_INDEX),
                            tuple(category_index.get(c, F.OOV_INDEX) for c in r.categories))
         embeddings[k] = r.embedding
+        duration = getattr(r, "duration_s", None)
+        if duration is not None and math.isfinite(duration) and duration > 0:
+            durations[k + 1] = duration
     dim = len(items[0].embedding) if items else 0
     table = np.zeros((len(items) + 1, dim), np.float32)
     if items:
         table[1:] = np.asarray(embeddings, np.float32)
     return {"items": [r.item_id for r in items], "authors": authors, "categories": categories,
-            "rows": rows, "embeddings": table}
+            "rows": rows, "embeddings": table, "durations": durations}
 
 
 class ValidateUsers(beam.DoFn):
@@ -524,7 +528,8 @@ def _catalog_lines(catalog: Dict[str, Any]) -> Iterable[str]:
                                 "categories": catalog["categories"]}})
     for item_id, (index, author, categories) in catalog["rows"].items():
         yield json.dumps({"item": [index, item_id, author, list(categories),
-                                   catalog["embeddings"][index].tolist()]})
+                                   catalog["embeddings"][index].tolist()],
+                          "duration_s": float(catalog["durations"][index])})
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -584,13 +589,14 @@ def finish(output: str, config: PipelineConfig, prepared: Dict[str, Any],
     """Writes vocab/, item_embeddings.npy, metadata.json, stats.json and the feature store from
     the pipeline's intermediate files; returns the stats."""
     work = os.path.join(output, WORK_DIR)
-    vocab, item_rows = None, []
+    vocab, item_rows, durations = None, [], {}
     for line in _read_lines(os.path.join(work, "catalog*")):
         record = json.loads(line)
         if "vocab" in record:
             vocab = record["vocab"]
         else:
             item_rows.append(record["item"])
+            durations[record["item"][0]] = record.get("duration_s", 0.0)
     if vocab is None:
         raise RuntimeError(f"the pipeline wrote no catalog under {work}")
     users = json.loads(next(iter(_read_lines(os.path.join(work, "users*")))))
@@ -605,9 +611,18 @@ def finish(output: str, config: PipelineConfig, prepared: Dict[str, Any],
     buffer = io.BytesIO()
     np.save(buffer, table)
     _write_bytes(os.path.join(output, F.ITEM_EMBEDDINGS_FILE), buffer.getvalue())
+    duration_table = np.zeros(len(vocab["items"]) + 1, np.float32)
+    for index, seconds in durations.items():
+        duration_table[index] = seconds
+    items_with_duration = int(np.count_nonzero(duration_table))
+    if items_with_duration:
+        buffer = io.BytesIO()
+        np.save(buffer, duration_table)
+        _write_bytes(os.path.join(output, F.ITEM_DURATIONS_FILE), buffer.getvalue())
     metadata = dataclasses.replace(
         config.metadata, num_items=len(vocab["items"]), num_authors=len(vocab["authors"]),
-        num_categories=len(vocab["categories"]), num_users=len(users))
+        num_categories=len(vocab["categories"]), num_users=len(users),
+        item_durations=items_with_duration > 0)
     metadata.save(output)
 
     raw_stats = json.loads(next(iter(_read_lines(os.path.join(work, "stats*")))))
@@ -618,6 +633,7 @@ def finish(output: str, config: PipelineConfig, prepared: Dict[str, Any],
                   "long_term_mode": metadata.long_term_mode,
                   "display_order": metadata.display_order,
                   "display_order_source": metadata.display_order_source,
+                  "items_with_duration": items_with_duration,
                   "split_rule": "by request timestamp: latest test_fraction -> test, the "
                                 "preceding eval_fraction -> eval (ties share a split)",
                   "eval_fraction": config.eval_fraction,

@@ -25,6 +25,7 @@ class ItemRecord(NamedTuple):
     categories: Tuple[str, ...]  # coarse to fine, up to common.features.NUM_CATEGORY_LEVELS
     embedding: Optional[Tuple[float, ...]]  # pretrained content embedding, None if not supplied
     tokens: Tuple[int, ...] = ()  # caption / title token ids (used to build embeddings)
+    duration_s: Optional[float] = None  # video length in seconds, None if the log gives none
 
 
 class UserRecord(NamedTuple):

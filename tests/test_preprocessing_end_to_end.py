@@ -222,6 +222,12 @@ def test_vocab_embeddings_and_feature_store_agree_with_examples(run):
     table = np.load(os.path.join(out, F.ITEM_EMBEDDINGS_FILE))
     assert table.shape == (NUM_ITEMS + 1, DIM) and not table[0].any()
     np.testing.assert_allclose(table[items.index("i03") + 1], _emb(3), rtol=1e-6)
+    # durations by vocabulary index, row 0 (unknown) zero; the rejected item has none
+    durations = np.load(os.path.join(out, F.ITEM_DURATIONS_FILE))
+    assert durations.shape == (NUM_ITEMS + 1,) and durations[0] == 0
+    assert durations[items.index("i03") + 1] == 5.0 + 3
+    assert F.DatasetMetadata.load(out).item_durations
+    assert json.load(open(os.path.join(out, "stats.json")))["items_with_duration"] == NUM_ITEMS
     _, examples = read_examples(out)
     store = SqliteFeatureStore(os.path.join(out, "feature_store.sqlite"))
     assert store.metadata().num_items == NUM_ITEMS

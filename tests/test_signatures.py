@@ -23,7 +23,9 @@ def _build_model(data_dir, seed=0):
     config = TC.preset("qin")
     config.k1, config.k2, config.seed = 10, 4, seed
     model = TM.build_model(config.validate(), metadata,
-                           np.load(os.path.join(data_dir, F.ITEM_EMBEDDINGS_FILE)))
+                           np.load(os.path.join(data_dir, F.ITEM_EMBEDDINGS_FILE)),
+                           TM.load_item_durations(data_dir, metadata))
+    assert model.uses_item_duration == metadata.item_durations
     model(TM.dummy_features(metadata))
     return model, metadata
 

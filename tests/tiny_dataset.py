@@ -4,7 +4,8 @@
 topic and resembles the user's deep-engaged long-term behaviours), so a model can learn it.
 With `tasks=F.WATCH_TIME_TASKS` clicked candidates also get a play time (duration of the item
 times a uniform watch ratio in [0.2, 1.0]) and the true expected play time; those draws come
-from their own stream, so the other features do not change. With `position_effect` the data
+from their own stream, so the other features do not change; the item durations are then
+written too (item_durations.npy, metadata `item_durations`). With `position_effect` the data
 keeps the display order (metadata `display_order`, candidates shown in list order with their
 positions) and the click logit falls by `position_effect` per position shown lower (the
 random draws are the same).
@@ -34,10 +35,12 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
                            has_true_probabilities=True, tasks=tuple(tasks),
                            display_order=position_effect is not None,
                            display_order_source="" if position_effect is None else
-                           "tests.tiny_dataset: list order, planted position effect")
+                           "tests.tiny_dataset: list order, planted position effect",
+                           item_durations=F.WATCH_TIME in tasks)
     watch_rng = np.random.default_rng(seed + 1)
     duration = watch_rng.uniform(5.0, 60.0, num_items + 1)
-    write_side_files(directory, md, emb)
+    duration[0] = 0.0  # the unknown item
+    write_side_files(directory, md, emb, duration if md.item_durations else None)
 
     def category(items):
         return np.stack([item_topic[items] + 1, item_topic[items] + 1 + topics], axis=-1)
@@ -92,11 +95,14 @@ def write_tiny_dataset(directory, requests_per_split=(64, 16, 16), num_items=60,
     return directory
 
 
-def write_side_files(directory, md, embeddings):
+def write_side_files(directory, md, embeddings, durations=None):
     """What a preprocessing run writes beside its TFRecords, for a tiny dataset: metadata.json,
-    item_embeddings.npy and the vocabularies (ids i1.., a1.., c1.., u1..; index 0 = unknown)."""
+    item_embeddings.npy (item_durations.npy when given) and the vocabularies (ids i1.., a1..,
+    c1.., u1..; index 0 = unknown)."""
     os.makedirs(os.path.join(directory, F.VOCAB_DIR), exist_ok=True)
     np.save(os.path.join(directory, F.ITEM_EMBEDDINGS_FILE), embeddings.astype(np.float32))
+    if durations is not None:
+        np.save(os.path.join(directory, F.ITEM_DURATIONS_FILE), durations.astype(np.float32))
     for name, size in (("items", md.num_items), ("authors", md.num_authors),
                        ("categories", md.num_categories), ("users", md.num_users)):
         with open(os.path.join(directory, F.VOCAB_DIR, f"{name}.txt"), "w") as f:

@@ -54,6 +54,14 @@ position 0: servers rank before any position exists, and a term that is the same
 candidate of a request could not change the ranking anyway. Data without display order, or
 ``position_bias: false``, builds no position weights (the model is exactly the one without the
 term); a model_config.json saved before the option existed loads with it off.
+
+Item duration (``use_item_duration``, default on): when the item log gives video durations
+(metadata.json ``item_durations``), every candidate's duration is looked up in a frozen table
+inside the model (like the content embeddings: no serving input changes) and fed to the MMoE
+as log-duration features. Watch time scales with a video's length and is otherwise
+independent of relevance, so a model without it can learn length only per item id, and not at
+all for items the logs rarely showed. A model_config.json saved before the option existed
+loads with it off.
 """
 from __future__ import annotations
 
@@ -107,6 +115,8 @@ class ModelConfig:
     # ---- position bias (see the module docstring) ----
     position_bias: bool = True  # used only when the data keeps the display order
     position_buckets: int = 20  # positions 0 .. buckets - 2 each, the rest share the last
+    # ---- item side features (see the module docstring) ----
+    use_item_duration: bool = True  # used only when the data gives item durations
     seed: int = 0
 
     # ---- validation --------------------------------------------------------------------------
@@ -142,6 +152,8 @@ class ModelConfig:
                  f"({self.hidden_units}) must be divisible by num_heads ({self.num_heads})")
         if not isinstance(self.position_bias, bool):
             fail(f"position_bias must be true or false (got {self.position_bias!r})")
+        if not isinstance(self.use_item_duration, bool):
+            fail(f"use_item_duration must be true or false (got {self.use_item_duration!r})")
         if self.position_buckets < 2:
             fail(f"position_buckets must be >= 2 (got {self.position_buckets})")
         if not 0.0 <= self.dropout < 1.0:
@@ -266,6 +278,7 @@ class ModelConfig:
             raw = _parse_json_object(f.read(), "model config")
         # a model saved before the position-bias term existed was trained without it
         raw.setdefault("position_bias", False)
+        raw.setdefault("use_item_duration", False)  # likewise for the item-duration feature
         return cls.from_dict(raw)
 
 

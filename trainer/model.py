@@ -86,7 +86,7 @@ class RankingModel(tfrs.models.Model):
     """QIN and its baselines: see the module docstring and `trainer.config`."""
 
     def __init__(self, config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings,
-                 **kwargs):
+                 item_durations=None, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{config.model_type}_ranking"), **kwargs)
         config = config.resolved_for(metadata)  # K1 / threshold of stage-1 data, or a refusal
         config.check_tasks(metadata.tasks)
@@ -95,8 +95,14 @@ class RankingModel(tfrs.models.Model):
         self.tasks = list(metadata.tasks)
         self.score_weights = config.score_weight_map(self.tasks)
         c = config
-        self.embeddings = FeatureEmbeddings(metadata, item_embeddings, c.id_embedding_dim,
-                                            l2=c.l2_regularization, name="embeddings")
+        # the duration feature (trainer.config docstring) exists only when the data gives
+        # durations, the config asks for it and the caller passed the table
+        self.uses_item_duration = bool(c.use_item_duration and metadata.item_durations
+                                       and item_durations is not None)
+        self.embeddings = FeatureEmbeddings(
+            metadata, item_embeddings, c.id_embedding_dim, l2=c.l2_regularization,
+            item_durations=item_durations if self.uses_item_duration else None,
+            name="embeddings")
         self.request_tower = tf.keras.layers.Dense(c.hidden_units, activation="relu",
                                                    name="request_tower")
         self.candidate_tower = tf.keras.layers.Dense(c.hidden_units, activation="relu",
@@ -231,6 +237,8 @@ class RankingModel(tfrs.models.Model):
         parts = [tf.broadcast_to(request[:, tf.newaxis, :], [batch, num_cand, c.hidden_units]),
                  self.candidate_tower(tf.concat([target_id, target_attr], -1)),
                  query_relevance[..., tf.newaxis]]
+        if self.uses_item_duration:
+            parts.append(e.duration(cand_item))  # [B, N, 2]
 
         selected_index = tf.fill([batch, num_cand, c.k2], tf.constant(-1, tf.int32))
         selected_weight = tf.zeros([batch, num_cand, c.k2], tf.float32)
@@ -399,12 +407,25 @@ class RankingModel(tfrs.models.Model):
         return logs
 
 
-def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings
-                ) -> RankingModel:
+def build_model(config: ModelConfig, metadata: F.DatasetMetadata, item_embeddings,
+                item_durations=None) -> RankingModel:
     """The ranking model for `config` (a `trainer.config.ModelConfig`) on a dataset described by
-    `metadata`, with `item_embeddings` ([num_items + 1, D]) as its frozen content table. The
-    model's variables are created on its first call (see `dummy_features`)."""
-    return RankingModel(config, metadata, item_embeddings)
+    `metadata`, with `item_embeddings` ([num_items + 1, D]) as its frozen content table and
+    `item_durations` ([num_items + 1] seconds, `load_item_durations`) as its duration table.
+    The model's variables are created on its first call (see `dummy_features`)."""
+    return RankingModel(config, metadata, item_embeddings, item_durations)
+
+
+def load_item_durations(data_dir: str, metadata: F.DatasetMetadata):
+    """`data_dir/item_durations.npy` when metadata.json says the log gave durations, else None."""
+    if not metadata.item_durations:
+        return None
+    path = os.path.join(data_dir, F.ITEM_DURATIONS_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found although metadata.json says the items have "
+                                f"durations: is {data_dir} a complete preprocessing output?")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return np.load(f)
 
 
 def dummy_features(metadata: F.DatasetMetadata, batch_size=1, num_candidates=1,
@@ -437,7 +458,8 @@ def load_trained_model(model_dir: str, data_dir: str, config: Optional[ModelConf
                                 f"directory of `python -m preprocessing`")
     with tf.io.gfile.GFile(embeddings_path, "rb") as f:
         item_embeddings = np.load(f)
-    model = build_model(config, metadata, item_embeddings)
+    model = build_model(config, metadata, item_embeddings,
+                        load_item_durations(data_dir, metadata))
     model(dummy_features(metadata))  # creates the variables before restoring them
     final_dir = os.path.join(model_dir, FINAL_WEIGHTS_DIR)
     checkpoint = tf.train.latest_checkpoint(final_dir) or final_weights_path(model_dir)

@@ -380,7 +380,8 @@ def train(args) -> dict:
             cold_start_rate=cold_start_rate)
 
     with strategy.scope():
-        model = model_lib.build_model(config, metadata, item_embeddings)
+        model = model_lib.build_model(config, metadata, item_embeddings,
+                                      model_lib.load_item_durations(args.data, metadata))
         outputs = model(model_lib.dummy_features(metadata, 2, 2))  # creates the variables
         optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
         model.compile(optimizer=optimizer)

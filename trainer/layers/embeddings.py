@@ -6,7 +6,9 @@ CIKM 2023) attends over: the ID field (item id + author id embeddings) and the
 attribute/content field (category embeddings + pretrained multimodal content embedding). The
 content table holds the pretrained `item_embeddings.npy` ([num_items + 1, D], row 0 zeros) as a
 non-trainable weight, so the exported model looks vectors up itself and the ranker never
-changes the space in which the RSU measures relevance.
+changes the space in which the RSU measures relevance. An optional frozen duration table
+(`item_durations.npy`, seconds, 0 = unknown) gives each item's standardised log duration and a
+known flag the same way.
 
 Indices outside a table (a dataset/model mismatch, or serving traffic from a newer vocabulary)
 map to index 0, the project-wide "unknown" index, instead of failing the whole request.
@@ -33,7 +35,7 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
     content table (frozen, D wide): the pretrained item embeddings.
     """
 
-    def __init__(self, metadata, item_embeddings, dim, l2=0.0, **kwargs):
+    def __init__(self, metadata, item_embeddings, dim, l2=0.0, item_durations=None, **kwargs):
         super().__init__(**kwargs)
         item_embeddings = np.asarray(item_embeddings, dtype=np.float32)
         expected = (metadata.num_items + 1, metadata.embedding_dim)
@@ -67,6 +69,12 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         self.content_table = self.add_weight(
             name="item_content_embeddings", shape=item_embeddings.shape, trainable=False,
             initializer=tf.keras.initializers.Constant(item_embeddings))
+        self.duration_table = None
+        if item_durations is not None:
+            rows = duration_feature_rows(item_durations, metadata.num_items + 1)
+            self.duration_table = self.add_weight(
+                name="item_duration_features", shape=rows.shape, trainable=False,
+                initializer=tf.keras.initializers.Constant(rows))
 
     # Lookups return the layer's compute dtype (float16 under a mixed_float16 policy); the
     # tables themselves stay float32.
@@ -79,6 +87,12 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         """[...] item ids -> [..., D] frozen pretrained content embeddings."""
         emb = tf.gather(self.content_table, safe_index(item_ids, self.sizes["item"]))
         return tf.cast(emb, dtype or self.compute_dtype)
+
+    def duration(self, item_ids):
+        """[...] item ids -> [..., DURATION_FEATURE_DIM] (standardised log duration, known flag);
+        zeros for unknown items and items without a duration."""
+        rows = tf.gather(self.duration_table, safe_index(item_ids, self.sizes["item"]))
+        return tf.cast(rows, self.compute_dtype)
 
     def categories(self, category_ids):
         """[..., LEVELS] category ids -> [..., LEVELS * dim] (levels concatenated)."""
@@ -103,6 +117,31 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
     @property
     def attribute_field_dim(self):
         return F.NUM_CATEGORY_LEVELS * self.dim + self.content_dim
+
+
+DURATION_FEATURE_DIM = 2
+
+
+def duration_feature_rows(item_durations, num_rows: int) -> np.ndarray:
+    """float32 [num_rows, 2] from durations in seconds (0 = unknown): log1p(seconds)
+    standardised over the items with a duration, and 1 where the duration is known. The
+    standardisation is stored in the rows, so a reloaded or exported model needs no constants.
+    """
+    seconds = np.asarray(item_durations, dtype=np.float64)
+    if seconds.shape != (num_rows,):
+        raise ValueError(f"item durations have shape {seconds.shape}, metadata.json expects "
+                         f"({num_rows},) (num_items + 1): are they from the same preprocessing "
+                         f"run?")
+    if not np.all(np.isfinite(seconds)) or np.any(seconds < 0):
+        raise ValueError("item durations must be finite seconds >= 0 (0 = unknown)")
+    known = seconds > 0
+    known[F.OOV_INDEX] = False
+    rows = np.zeros((num_rows, DURATION_FEATURE_DIM), np.float32)
+    if known.any():
+        logs = np.log1p(seconds[known])
+        rows[known, 0] = (logs - logs.mean()) / max(float(logs.std()), 1e-6)
+        rows[known, 1] = 1.0
+    return rows
 
 
 def behaviour_cross_features(engagement, source, time_gap, mask):
