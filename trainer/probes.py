@@ -13,10 +13,20 @@ of QIN can be checked against what it is meant to find, on the requests of a spl
   against that subtopic's share of stage 1;
 * **embedding separation**: share of each item's 10 nearest items (content cosine) in its
   topic, and, among those, in its subtopic; chance levels are 1 / topics and 1 / subtopics;
+* **affinity in the selection**: for candidates of the query's topic, the share of deep-engaged
+  behaviours among the K2 stage 2 keeps, as a score for "the candidate is in the user's
+  preferred subtopic" (AUC; 0.5 = no signal): how much of the planted affinity a model reading
+  the selection's engagement could find;
 * with `--model-dir` (a trained QIN): **attention mass** on deep-engaged behaviours of the
   user's preferred subtopic, for candidates of the preferred subtopic of the query topic (the
   behaviours that carry the planted affinity), from the model's `rsu_selected_index` /
-  `rsu_selected_weight`, against their share of the selected behaviours.
+  `rsu_selected_weight`, against their share of the selected behaviours;
+* with `--model-dir` (any preset): **where the click logit comes from**: a least-squares fit,
+  within each request (values minus the request's mean), of the model's click logit on the
+  generator's three click terms, rel (candidate in the query topic), aff (rel and in the user's
+  preferred subtopic) and q (item quality), next to the truth's own coefficients
+  (`relevance_effect`, `affinity_effect`, 1). A term the model follows at a fraction of the
+  truth's weight is a signal it did not learn (or could not see).
 
     python -m trainer.probes --data OUT --raw RAW [--model-dir M] [--split test]
 
@@ -65,6 +75,52 @@ def embedding_separation(embeddings, topic, subtopic, neighbours: int = 10) -> D
             "subtopic_purity_within_topic@10": float(same_sub.sum() / max(same_topic.sum(), 1))}
 
 
+def logit_decomposition(groups, logits, terms: Dict[str, object]) -> Dict[str, float]:
+    """Least squares of `logits` on the columns of `terms` after subtracting each group's mean
+    from every variable (request fixed effects): {term: coefficient, "r2": share of the
+    within-group variance explained}."""
+    import numpy as np
+
+    groups = np.asarray(groups)
+    _, index = np.unique(groups, return_inverse=True)
+    counts = np.bincount(index).astype(np.float64)
+
+    def within(values):
+        values = np.asarray(values, np.float64)
+        return values - (np.bincount(index, values) / counts)[index]
+
+    names = list(terms)
+    x = np.stack([within(terms[name]) for name in names], axis=1)
+    y = within(logits)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    residual = y - x @ coef
+    total = float(np.sum(y * y))
+    out = {name: float(c) for name, c in zip(names, coef)}
+    out["r2"] = 1.0 - float(np.sum(residual * residual)) / total if total > 0 else 0.0
+    return out
+
+
+def _auc(labels, scores):
+    import numpy as np
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) /
+                 (positives * negatives))
+
+
+def _generator_effects(raw_dir: str) -> Dict[str, float]:
+    path = os.path.join(raw_dir, "truth", "generator.json")
+    with open(path) as f:
+        config = json.load(f)["config"]
+    return {"rel": float(config["relevance_effect"]), "aff": float(config["affinity_effect"]),
+            "q": 1.0}
+
+
 def run(args) -> Dict[str, object]:
     import numpy as np
 
@@ -88,6 +144,8 @@ def run(args) -> Dict[str, object]:
     preferred = {(u, int(t)): int(s) for u, t, s in zip(
         interests["user_id"], interests["topic"], interests["preferred_subtopic"])}
     query_topic = dict(zip(requests["request_id"], requests["query_topic"]))
+    quality = np.zeros(len(vocab) + 1)
+    quality[1:] = by_id.loc[vocab, "quality"].to_numpy()
 
     model, config = None, ModelConfig()
     if args.model_dir:
@@ -101,6 +159,8 @@ def run(args) -> Dict[str, object]:
     sums = {name: [] for name in ("stage1_precision", "recency_precision", "history_topic_share",
                                   "stage2_precision", "stage1_subtopic_share",
                                   "attention_on_planted", "planted_share_of_selected")}
+    affinity_signal = {"aff": [], "deep_share": []}
+    decomposition = {"request": [], "logit": [], "rel": [], "aff": [], "q": []}
     seen = 0
     for batch in D.make_dataset(args.data, args.split, metadata, 64, for_training=False):
         out = model(batch, training=False) if model is not None else None
@@ -116,14 +176,22 @@ def run(args) -> Dict[str, object]:
                 continue
             seq = b[F.seq_feature(F.LONG_TERM, F.SEQ_ITEM)][r][:n]
             watch = b[F.seq_feature(F.LONG_TERM, F.SEQ_ENGAGEMENT)][r][:n, 0]
+            cands = b[F.CANDIDATE_ITEM][r][:int(b[F.NUM_CANDIDATES][r])]
+            pref = preferred.get((user, q_topic))
+            if out is not None:
+                click = np.clip(out["click"].numpy()[r, :len(cands)], 1e-6, 1 - 1e-6)
+                rel = topic[cands] == q_topic
+                decomposition["request"] += [rid] * len(cands)
+                decomposition["logit"] += np.log(click / (1 - click)).tolist()
+                decomposition["rel"] += rel.astype(float).tolist()
+                decomposition["aff"] += (rel & (subtopic[cands] == pref)).astype(float).tolist()
+                decomposition["q"] += quality[cands].tolist()
             kept = stage1_top_k(b[F.QUERY_EMBEDDING][r], table[seq], k1)
             sums["stage1_precision"].append(np.mean(topic[seq[kept]] == q_topic))
             sums["recency_precision"].append(np.mean(topic[seq[:k1]] == q_topic))
             sums["history_topic_share"].append(np.mean(topic[seq] == q_topic))
-            pref = preferred.get((user, q_topic))
             planted = (topic[seq] == q_topic) & (subtopic[seq] == pref) & \
                 (watch >= DEEP_WATCH_RATIO)
-            cands = b[F.CANDIDATE_ITEM][r][:int(b[F.NUM_CANDIDATES][r])]
             for c, item in enumerate(cands):
                 if topic[item] != q_topic or len(kept) == 0:
                     continue
@@ -132,6 +200,10 @@ def run(args) -> Dict[str, object]:
                 sums["stage2_precision"].append(np.mean(subtopic[seq[second]] == subtopic[item]))
                 sums["stage1_subtopic_share"].append(np.mean(subtopic[seq[kept]] ==
                                                              subtopic[item]))
+                if pref is not None:
+                    affinity_signal["aff"].append(subtopic[item] == pref)
+                    affinity_signal["deep_share"].append(
+                        float(np.mean(watch[second] >= DEEP_WATCH_RATIO)))
                 if out is not None and pref is not None and subtopic[item] == pref:
                     positions = out[F.RSU_SELECTED_INDEX].numpy()[r, c]
                     weights = out[F.RSU_SELECTED_WEIGHT].numpy()[r, c]
@@ -148,7 +220,17 @@ def run(args) -> Dict[str, object]:
         "embeddings": embedding_separation(table, topic, subtopic),
         "chance": {"topic": 1.0 / max(len(set(items["topic"])), 1),
                    "subtopic": 1.0 / max(len(set(items["subtopic"])), 1)},
+        "affinity_auc_of_stage2_deep_share": _auc(affinity_signal["aff"],
+                                                  affinity_signal["deep_share"]),
     }
+    if decomposition["request"]:
+        fitted = logit_decomposition(decomposition["request"], decomposition["logit"],
+                                     {t: decomposition[t] for t in ("rel", "aff", "q")})
+        truth = _generator_effects(args.raw)
+        result["click_logit_decomposition"] = {
+            "model": fitted, "truth": truth,
+            "share_of_truth": {t: fitted[t] / truth[t] for t in truth},
+            "candidates": len(decomposition["logit"])}
     return result
 
 
@@ -172,7 +254,18 @@ def to_markdown(result: Dict[str, object]) -> str:
     lines = [f"Mechanism probes on {result['split']} ({result['requests']} requests, "
              f"K1 = {result['k1']}, K2 = {result['k2']})", "",
              "| probe | value | reference |", "|---|---|---|"]
+    rows.append(("stage 2: deep-engaged share as a score for the preferred subtopic (AUC)",
+                 result.get("affinity_auc_of_stage2_deep_share"), "no signal 0.5"))
     lines += [f"| {name} | {fmt(value)} | {ref} |" for name, value, ref in rows]
+    d = result.get("click_logit_decomposition")
+    if d:
+        lines += ["", f"Click logit within each request, least squares on the generator's terms "
+                      f"({d['candidates']} candidates, R2 {d['model']['r2']:.3f})", "",
+                  "| term | model | truth | share |", "|---|---|---|---|"]
+        labels = {"rel": "rel: in the query topic", "aff": "aff: preferred subtopic",
+                  "q": "q: item quality"}
+        lines += [f"| {labels[t]} | {d['model'][t]:.3f} | {d['truth'][t]:.3f} | "
+                  f"{d['share_of_truth'][t]:.0%} |" for t in ("rel", "aff", "q")]
     return "\n".join(lines)
 
 
@@ -189,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessing output of generated logs (recent long-term mode)")
     p.add_argument("--raw", required=True,
                    help="the generator's output directory (its truth/ folder is read)")
-    p.add_argument("--model-dir", help="a trained QIN model directory (adds attention probes)")
+    p.add_argument("--model-dir", help="a trained model directory: adds the click-logit "
+                                       "decomposition (any preset) and, for QIN, the attention "
+                                       "probes")
     p.add_argument("--split", default="test", choices=("train", "eval", "test"))
     p.add_argument("--k1", type=int, help="stage-1 size (default: the model's K1)")
     p.add_argument("--k2", type=int, help="stage-2 size (default: the model's K2)")
