@@ -136,6 +136,72 @@ def test_fau_padding_cannot_leak():
     np.testing.assert_allclose(w2, w, atol=1e-7)
 
 
+def fau_relevance(x, seed=5):
+    rng = np.random.default_rng(seed)
+    return np.where(x["valid"], rng.uniform(-0.2, 1.0, size=x["valid"].shape), 0.0).astype(
+        np.float32)
+
+
+def run_fau_with_relevance(layer, x, relevance):
+    return [t.numpy() for t in layer(
+        tf.constant(x["target_id"]), tf.constant(x["target_attr"]),
+        tf.constant(x["behaviour_id"]), tf.constant(x["behaviour_attr"]),
+        tf.constant(x["cross"]), tf.constant(x["indices"]), tf.constant(x["valid"]),
+        relevance=tf.constant(relevance))]
+
+
+@pytest.mark.parametrize("engagement", [True, False])
+def test_fau_intensity_pools_match_reference(engagement):
+    """Beside u_long: relevance mass, filled share and relevance-weighted engagement
+    directions, each summed over the K kept behaviours and divided by K (not renormalised)."""
+    x = fau_inputs(seed=4)
+    relevance = fau_relevance(x)
+    layer = FusedAttentionUnit(hidden_units=8, attention_units=4,
+                               use_engagement_weighting=engagement, intensity_units=3)
+    u, w = run_fau_with_relevance(layer, x, relevance)
+    assert u.shape == (B, N, layer.output_units) == (B, N, 8 + 2 + (3 if engagement else 0))
+    ref_u, ref_w = reference_fau(layer, x, layer.fusion_weight().numpy())
+    np.testing.assert_allclose(u[..., :8], ref_u, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-4, atol=1e-6)
+    r = np.where(x["valid"], relevance, 0) / K
+    np.testing.assert_allclose(u[..., 8], r.sum(-1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(u[..., 9], x["valid"].sum(-1) / K, rtol=1e-6)
+    if engagement:
+        directions = np.maximum(dense(layer.intensity_engagement, x["cross"]), 0)  # [B, S, U]
+        gathered = np.take_along_axis(directions[:, None], x["indices"][..., None], axis=2)
+        np.testing.assert_allclose(u[..., 10:], np.einsum("bnk,bnku->bnu", r, gathered),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_fau_intensity_tells_many_close_behaviours_from_one():
+    """Renormalised attention gives the same u_long to a target whose K slots hold one
+    behaviour and to one whose slots hold four copies of it; the intensity pools differ."""
+    x = fau_inputs(seed=6, lengths=(S, S))
+    one, many = dict(x), dict(x)
+    same = np.zeros_like(x["indices"])  # every slot points at behaviour 0
+    one["indices"], many["indices"] = same, same
+    one["valid"] = np.zeros_like(x["valid"])
+    one["valid"][..., 0] = True
+    many["valid"] = np.ones_like(x["valid"])
+    relevance = np.full(x["valid"].shape, 0.9, np.float32)
+    layer = FusedAttentionUnit(hidden_units=8, attention_units=4, intensity_units=2)
+    u_one, _ = run_fau_with_relevance(layer, one, relevance)
+    u_many, _ = run_fau_with_relevance(layer, many, relevance)
+    np.testing.assert_allclose(u_one[..., :8], u_many[..., :8], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(u_many[..., 8], 4 * u_one[..., 8], rtol=1e-5)
+
+
+def test_fau_intensity_needs_relevance_and_is_zero_without_behaviours():
+    x = fau_inputs(seed=2, lengths=(0, 0))
+    layer = FusedAttentionUnit(hidden_units=8, attention_units=4, intensity_units=2)
+    with pytest.raises(ValueError, match="stage-2 relevance"):
+        run_fau(layer, x)
+    u, _ = run_fau_with_relevance(layer, x, np.ones(x["valid"].shape, np.float32))
+    assert np.all(u == 0)
+    with pytest.raises(ValueError, match="intensity_units"):
+        FusedAttentionUnit(intensity_units=-1)
+
+
 def seq_case(seed=0, length=6, lengths=(4, 0, 6)):
     rng = np.random.default_rng(seed)
     b = len(lengths)

@@ -117,6 +117,23 @@ def test_ablations_skip_stages():
     assert np.all(positions[0] == positions[0, :1])
 
 
+@pytest.mark.parametrize("use_stage2", [True, False])
+def test_stage2_scored_returns_the_kept_behaviours_target_cosine(use_stage2):
+    query, contents, lengths, targets = random_case(seed=6)
+    rsu = RelevanceSearchUnit(k1=5, k2=3, use_stage2=use_stage2)
+    mask = masking.length_mask(lengths, contents.shape[1])
+    pos1, valid1 = rsu.stage1(tf.constant(query), tf.constant(contents), mask)
+    stage1_contents = tf.gather(tf.constant(contents), pos1, batch_dims=1)
+    idx, valid = rsu.stage2(tf.constant(targets), stage1_contents, valid1)
+    idx2, valid2, rel = rsu.stage2_scored(tf.constant(targets), stage1_contents, valid1)
+    assert np.array_equal(idx.numpy(), idx2.numpy()) and np.array_equal(valid, valid2)
+    chosen = np.take_along_axis(stage1_contents.numpy()[:, None], idx.numpy()[..., None],
+                                axis=2)  # [B, N, K, D]
+    expected = np_cos(targets[:, :, None, :], chosen)
+    np.testing.assert_allclose(rel.numpy(), np.where(valid.numpy(), expected, 0), atol=1e-6)
+    assert np.all(rel.numpy()[~valid.numpy()] == 0)
+
+
 def test_cosine_similarity_and_zero_vectors():
     a = np.array([[1.0, 0.0], [3.0, 4.0], [0.0, 0.0]], np.float32)
     b = np.array([[2.0, 0.0], [-4.0, 3.0], [1.0, 1.0]], np.float32)

@@ -55,6 +55,12 @@ candidate of a request could not change the ranking anyway. Data without display
 ``position_bias: false``, builds no position weights (the model is exactly the one without the
 term); a model_config.json saved before the option existed loads with it off.
 
+Interest intensity (``interest_intensity_units``, default 8; QIN only): beside the FAU's
+renormalised interest vector, unnormalised pools over the stage-2 behaviours weighted by their
+target relevance (mass, filled share, engagement directions), so how much of the history lies
+near the target reaches the head (`trainer.layers.fused_attention`). 0 turns them off; a
+model_config.json saved before the option existed loads with 0.
+
 Item duration (``use_item_duration``, default on): when the item log gives video durations
 (metadata.json ``item_durations``), every candidate's duration is looked up in a frozen table
 inside the model (like the content embeddings: no serving input changes) and fed to the MMoE
@@ -93,6 +99,9 @@ class ModelConfig:
     k2: int = 20  # stage-2 behaviours kept per candidate (also the GSU size of SIM/TWIN)
     relevance_threshold: Optional[float] = None  # eps: stage-1 cosine below it is masked out
     fusion_lambda: Optional[float] = None  # None: learned; else fixed weight of the ID attention
+    # FAU interest intensity: unnormalised relevance-weighted pools beside u_long
+    # (trainer.layers.fused_attention); 0 turns them off
+    interest_intensity_units: int = 8
     # ---- SIM / TWIN ----
     sim_category_level: int = -1  # category level matched by SIM hard search (-1 = finest)
     # ---- sizes ----
@@ -134,6 +143,9 @@ class ModelConfig:
             fail(f"watch_time_loss {self.watch_time_loss!r} is not one of {WATCH_TIME_LOSSES}")
         if not self.watch_time_scale_s > 0:
             fail(f"watch_time_scale_s must be > 0 (got {self.watch_time_scale_s})")
+        if not isinstance(self.interest_intensity_units, int) or self.interest_intensity_units < 0:
+            fail(f"interest_intensity_units must be an integer >= 0 "
+                 f"(got {self.interest_intensity_units!r})")
         if (self.k1 is not None and self.k1 < 1) or self.k2 < 1:
             fail(f"k1 and k2 must be >= 1 (got k1={self.k1}, k2={self.k2})")
         if self.k1 is not None and self.k2 > self.k1:
@@ -279,6 +291,7 @@ class ModelConfig:
         # a model saved before the position-bias term existed was trained without it
         raw.setdefault("position_bias", False)
         raw.setdefault("use_item_duration", False)  # likewise for the item-duration feature
+        raw.setdefault("interest_intensity_units", 0)  # and for the FAU's intensity pools
         return cls.from_dict(raw)
 
 

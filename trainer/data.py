@@ -143,3 +143,25 @@ def make_dataset(data_dir: str, split: str, metadata: F.DatasetMetadata, batch_s
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def label_means(data_dir: str, metadata: F.DatasetMetadata, max_requests: int = 20000,
+                batch_size: int = 256) -> Dict[str, float]:
+    """{task: mean label over the real candidates} of the first `max_requests` train requests
+    (file order, no shuffle): enough for an initial value, one bounded read however large the
+    split."""
+    sums = {task: 0.0 for task in metadata.tasks}
+    count = 0.0
+    batches = max(1, -(-max_requests // batch_size))
+    # take(): the read ends with the dataset (no iterator abandoned mid-prefetch)
+    dataset = make_dataset(data_dir, "train", metadata, batch_size, for_training=False)
+    for batch in dataset.take(batches):
+        mask = tf.cast(F.candidate_mask(batch), tf.float64)
+        for task in metadata.tasks:
+            label = tf.cast(batch[F.label_feature(task)], tf.float64)
+            sums[task] += float(tf.reduce_sum(label * mask))
+        count += float(tf.reduce_sum(mask))
+    if not count:
+        raise NoDataError(f"the train split of {data_dir} has no candidate to take label means "
+                          f"from")
+    return {task: total / count for task, total in sums.items()}

@@ -138,6 +138,28 @@ class RankingModel(tfrs.models.Model):
             metrics=[tf.keras.metrics.MeanAbsoluteError(name=f"{task}_mae_scaled")],
             name=f"{task}_task")
 
+    def initialize_output_bias(self, label_means: Dict[str, float]) -> Dict[str, float]:
+        """Sets each head's final bias so that the untrained model predicts the train split's
+        mean label (the usual base-rate initialisation of an output bias): a binary task starts
+        at logit(rate), the Poisson watch-time head at log(mean / scale). Without it the heads
+        start at 0.5 and at `watch_time_scale_s` seconds and spend the first steps (and, on
+        small data, whole epochs) moving their level. The weighted-logistic watch-time head is
+        left at 0. Returns the biases set."""
+        biases = {}
+        for task in self.tasks:
+            if task not in label_means:
+                continue
+            mean = float(label_means[task])
+            if F.is_binary_task(task):
+                rate = min(max(mean, 1e-4), 1.0 - 1e-4)
+                biases[task] = float(np.log(rate / (1.0 - rate)))
+            elif self.config.watch_time_loss == "poisson":
+                biases[task] = float(np.log(max(mean, 1e-3) / self.config.watch_time_scale_s))
+        for task, value in biases.items():
+            bias = self.head.heads[task].bias
+            bias.assign(tf.fill(bias.shape, tf.constant(value, bias.dtype)))
+        return biases
+
     def set_score_weights(self, weights: Dict[str, float]) -> None:
         """Replaces the fused score's task weights (e.g. the ones tuned on eval)."""
         unknown = sorted(set(weights) - set(self.tasks))
@@ -170,7 +192,8 @@ class RankingModel(tfrs.models.Model):
             return FusedAttentionUnit(
                 hidden_units=c.hidden_units, attention_units=c.attention_units,
                 attention_fields=c.attention_fields, fusion_lambda=c.fusion_lambda,
-                use_engagement_weighting=c.use_engagement_weighting, name="fau")
+                use_engagement_weighting=c.use_engagement_weighting,
+                intensity_units=c.interest_intensity_units, name="fau")
         if c.model_type in ("sim_hard", "sim_soft"):
             from trainer.layers.sim import SimSearchUnit
 
@@ -276,12 +299,13 @@ class RankingModel(tfrs.models.Model):
             stage1_pos, stage1_valid = self.rsu.stage1(query_embedding, content, long.mask)
             s1 = lambda x: masking.gather_positions(x, stage1_pos)  # noqa: E731
             stage1_content = s1(content)
-            idx, valid = self.rsu.stage2(target_content, stage1_content, stage1_valid)
+            idx, valid, relevance = self.rsu.stage2_scored(target_content, stage1_content,
+                                                           stage1_valid)
             interest, weights = self.long_term_unit(
                 target_id, target_attr,
                 e.id_field(s1(long.item), s1(long.author)),
                 e.attribute_field(s1(long.item), s1(long.category)),
-                s1(long.cross), idx, valid, training=training)
+                s1(long.cross), idx, valid, relevance=relevance, training=training)
             positions = masking.gather_positions(stage1_pos, idx)
             return interest, tf.where(valid, positions, -1), weights
         behaviour_id = e.id_field(long.item, long.author)

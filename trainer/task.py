@@ -347,6 +347,8 @@ def train(args) -> dict:
     config = config.resolved_for(metadata)  # saved with the K1 the model really uses
     config.check_tasks(metadata.tasks)
     item_embeddings = load_item_embeddings(args.data)
+    # read before the seed is set: the read must not shift the seeded random state
+    label_means = data_lib.label_means(args.data, metadata)
     tf.keras.utils.set_random_seed(config.seed)
     strategy = distribution.choose_strategy(args.strategy)
     chief = distribution.is_chief()
@@ -383,6 +385,10 @@ def train(args) -> dict:
         model = model_lib.build_model(config, metadata, item_embeddings,
                                       model_lib.load_item_durations(args.data, metadata))
         outputs = model(model_lib.dummy_features(metadata, 2, 2))  # creates the variables
+        # overwritten by a resumed run's checkpoint; a fresh run starts at the base rates
+        biases = model.initialize_output_bias(label_means)
+        logger.info("output biases set to the train split's base rates: %s",
+                    ", ".join(f"{t} {b:+.3f}" for t, b in biases.items()))
         optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
         model.compile(optimizer=optimizer)
     bad = {k: v.dtype.name for k, v in outputs.items()

@@ -44,7 +44,8 @@ class RelevanceSearchUnit(tf.keras.layers.Layer):
     the selections, are the same whatever the shapes around them, at matmul speed and memory.
 
     stage1(query, contents, mask) -> (positions [B, S], valid [B, S]);
-    stage2(targets, stage-1 contents, stage-1 valid) -> (indices into S [B, N, K], valid)."""
+    stage2(targets, stage-1 contents, stage-1 valid) -> (indices into S [B, N, K], valid);
+    stage2_scored: the same plus the kept behaviours' target relevance [B, N, K]."""
 
     def __init__(self, k1=100, k2=20, threshold=None, use_stage1=True, use_stage2=True,
                  precomputed_stage1=False, **kwargs):
@@ -80,15 +81,24 @@ class RelevanceSearchUnit(tf.keras.layers.Layer):
                        tf.float32)
 
     def stage2(self, targets, contents, valid):
+        indices, valid, _ = self.stage2_scored(targets, contents, valid)
+        return indices, valid
+
+    def stage2_scored(self, targets, contents, valid):
+        """`stage2` plus the target relevance of every kept behaviour [B, N, K] (0 where not
+        valid), computed once: the FAU's interest intensity weighs behaviours by it."""
         batch, num_cand = tf.shape(targets)[0], tf.shape(targets)[1]
         size = tf.shape(valid)[1]
         valid_per_target = tf.broadcast_to(valid[:, tf.newaxis, :], [batch, num_cand, size])
+        relevance = self.target_relevance(targets, contents)  # [B, N, S]
         if not self.use_stage2:
             indices = tf.broadcast_to(tf.range(size)[tf.newaxis, tf.newaxis],
                                       [batch, num_cand, size])
-            return indices, valid_per_target
-        return masking.masked_top_k(self.target_relevance(targets, contents), valid_per_target,
-                                    self.k2)
+            kept = valid_per_target
+        else:
+            indices, kept = masking.masked_top_k(relevance, valid_per_target, self.k2)
+        selected = tf.gather(relevance, indices, batch_dims=2)
+        return indices, kept, tf.where(kept, selected, tf.zeros_like(selected))
 
     def call(self, query, contents, mask, targets):
         """Both stages. Returns (positions in the input sequence [B, N, K], -1 where invalid;
