@@ -132,7 +132,7 @@ def test_interest_intensity_keeps_candidates_independent_and_padding_inert(data)
     cfg = small("qin", interest_intensity_units=4)
     model = build(data, cfg)
     assert model.long_term_unit.output_units == cfg.hidden_units + 2 + 4
-    plain = build(data, small("qin"))
+    plain = build(data, small("qin", interest_intensity_units=0))
     assert model.count_params() > plain.count_params()
     batch = data["batch"]
     full = numpy_outputs(model(batch))

@@ -347,10 +347,11 @@ def train(args) -> dict:
     config = config.resolved_for(metadata)  # saved with the K1 the model really uses
     config.check_tasks(metadata.tasks)
     item_embeddings = load_item_embeddings(args.data)
+    # the strategy first: multi-worker collectives must be configured before any op runs
+    strategy = distribution.choose_strategy(args.strategy)
     # read before the seed is set: the read must not shift the seeded random state
     label_means = data_lib.label_means(args.data, metadata)
     tf.keras.utils.set_random_seed(config.seed)
-    strategy = distribution.choose_strategy(args.strategy)
     chief = distribution.is_chief()
     replicas = strategy.num_replicas_in_sync
     if args.batch_size % replicas:

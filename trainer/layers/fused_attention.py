@@ -31,7 +31,7 @@ target: the affinity signal QIN's engagement weighting is for. Measured on gener
 (600 users, 12,000 requests, seed 0, same budget): test click GAUC by request 0.7371 without
 the term, 0.7652 with it (the no-sequence DNN: 0.7447).
 
-Interest intensity (``intensity_units`` > 0; off in the presets): the renormalised weights also
+Interest intensity (``intensity_units`` > 0; the QIN presets use 8): the renormalised weights also
 hide *how much* of the user's history lies near the target. DIN drops the softmax for that
 reason (Zhou et al., KDD 2018: normalising "loses the intensity of user interests"); here the
 attention stays normalised and three unnormalised pools over the K kept behaviours sit beside
