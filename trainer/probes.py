@@ -101,16 +101,13 @@ def logit_decomposition(groups, logits, terms: Dict[str, object]) -> Dict[str, f
 
 
 def _auc(labels, scores):
-    import numpy as np
-    from scipy.stats import rankdata
+    """`trainer.metrics.auc`, with None (JSON null) instead of NaN when one class is absent."""
+    import math
 
-    labels = np.asarray(labels, bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if not positives or not negatives:
-        return None
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) /
-                 (positives * negatives))
+    from trainer.metrics import auc
+
+    value = auc(labels, scores)
+    return None if math.isnan(value) else value
 
 
 def _generator_effects(raw_dir: str) -> Dict[str, float]:
