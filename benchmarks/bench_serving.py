@@ -224,6 +224,10 @@ def main(argv=None):
     p.add_argument("--signatures", default="rank_listwise,regress_score")
     p.add_argument("--batching-parameters-file", default=SHIPPED_BATCHING,
                    help="BatchingParameters of the batching servers")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="TensorFlow intra-op threads of every path alike: the servers get "
+                        "--tensorflow-intra-op-parallelism, the in-process paths run with the "
+                        "same setting (0 = TensorFlow's choice)")
     p.add_argument("--output", help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.model_dir and not args.data:
@@ -235,6 +239,9 @@ def main(argv=None):
 
     import grpc
     import tensorflow as tf
+
+    if args.intra_op_threads:  # before any op: the pools cannot change once created
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -259,6 +266,7 @@ def main(argv=None):
                     continue
                 batching = None if path == "grpc-no-batching" else args.batching_parameters_file
                 extra = ["--close-batches-early"] if path == "grpc-early" else []
+                extra += ["--tensorflow-intra-op-parallelism", str(args.intra_op_threads)]
                 rest_port = free_port() if path == "grpc-no-batching" and "rest" in paths else 0
                 proc, port = start_server(base, batching, extra, rest_port)
                 processes.append(proc)
@@ -311,7 +319,8 @@ def main(argv=None):
                     proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    print(f"\nrequest: 1 user x {args.candidates} candidates x {args.long_term} long-term "
+    print(f"\nTensorFlow intra-op threads: {args.intra_op_threads or 'auto'} (every path)")
+    print(f"request: 1 user x {args.candidates} candidates x {args.long_term} long-term "
           f"behaviours; listwise request {listwise.ByteSize() / 1e3:.0f} KB, example request "
           f"{regress.ByteSize() / 1e3:.0f} KB")
     ratios = summary_ratios(results, concurrency)

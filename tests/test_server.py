@@ -442,3 +442,31 @@ def test_sigterm_drains_in_flight_requests(tmp_path, base_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tensorflow_thread_flags_set_the_pools_before_any_op_and_refuse_late_changes():
+    # A fresh interpreter: the pools of this test process are already created.
+    script = (
+        "import tensorflow as tf\n"
+        "from serving.model_server.server import configure_tensorflow_threads as c\n"
+        "c(1, 2)\n"
+        "print(tf.config.threading.get_intra_op_parallelism_threads(),"
+        " tf.config.threading.get_inter_op_parallelism_threads())\n"
+        "tf.constant(1.0) + 1.0\n"
+        "c(1, 2)  # same values after the first op: nothing to change, no error\n"
+        "try:\n"
+        "    c(3, 0)\n"
+        "except ValueError as e:\n"
+        "    print('refused:', 'before any op runs' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "1 2"
+    assert lines[-1] == "refused: True"
+    negative = subprocess.run(
+        [sys.executable, "-m", "serving.model_server", "--model-base-path", ROOT,
+         "--tensorflow-intra-op-parallelism", "-1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert negative.returncode == 2
+    assert "must be >= 0" in negative.stderr

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="return NaN/Inf model outputs instead of INVALID_ARGUMENT")
     g.add_argument("--grpc-threads", type=int, default=64,
                    help="RPC worker threads (more than 2 x max_batch_size helps batching)")
+    g.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
+                   help="threads one TensorFlow op may use (0 = TensorFlow's choice, as in "
+                        "tensorflow_model_server). On a few cores with many small requests, 1 "
+                        "is faster: concurrency then comes from requests (docs/BENCHMARKS.md)")
+    g.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
+                   help="ops TensorFlow may run at once (0 = TensorFlow's choice)")
     g = p.add_argument_group("shutdown")
     g.add_argument("--lame-duck-seconds", type=float, default=DEFAULT_LAME_DUCK_SECONDS,
                    help="on SIGTERM, how long health says NOT_SERVING while requests are still "

@@ -1002,11 +1002,37 @@ def options_from_args(args, configs, batching) -> ServerOptions:
         rest_api_max_body_bytes=args.rest_api_max_body_bytes)
 
 
+def configure_tensorflow_threads(intra_op: int = 0, inter_op: int = 0) -> None:
+    """Sets TensorFlow's thread pools (0 = TensorFlow's choice); must run before any op.
+
+    Raises ValueError for a negative count, or when TensorFlow already runs with other values
+    (the pools cannot change once created)."""
+    import tensorflow as tf
+
+    if intra_op < 0 or inter_op < 0:
+        raise ValueError("--tensorflow-intra-op-parallelism and --tensorflow-inter-op-"
+                         f"parallelism must be >= 0; got {intra_op} and {inter_op}")
+    threading_config = tf.config.threading
+    for wanted, get, set_ in (
+            (intra_op, threading_config.get_intra_op_parallelism_threads,
+             threading_config.set_intra_op_parallelism_threads),
+            (inter_op, threading_config.get_inter_op_parallelism_threads,
+             threading_config.set_inter_op_parallelism_threads)):
+        if wanted and get() != wanted:
+            try:
+                set_(wanted)
+            except RuntimeError as exc:
+                raise ValueError(f"TensorFlow is already initialised; thread counts must be "
+                                 f"set before any op runs ({exc})") from exc
+
+
 def run(args) -> int:
     """Runs the server for parsed command-line `args` until SIGTERM/SIGINT; the exit code."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        configure_tensorflow_threads(args.tensorflow_intra_op_parallelism,
+                                     args.tensorflow_inter_op_parallelism)
         configs = model_configs_from_args(args)
         batching = load_batching_options(args.batching_parameters_file,
                                          close_batches_early=args.close_batches_early) \
@@ -1032,8 +1058,10 @@ def run(args) -> int:
     except (ValueError, OSError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("serving %s on %s:%d (batching %s)", server.manager.model_names(), args.host, port,
-             options.batching or "off")
+    log.info("serving %s on %s:%d (batching %s; TensorFlow threads: intra-op %s, inter-op %s)",
+             server.manager.model_names(), args.host, port, options.batching or "off",
+             args.tensorflow_intra_op_parallelism or "auto",
+             args.tensorflow_inter_op_parallelism or "auto")
     if server.rest_port is not None:
         log.info("REST API on http://%s:%d/v1/models/", args.host, server.rest_port)
         print(f"REST {args.host}:{server.rest_port}", flush=True)
