@@ -240,8 +240,10 @@ def main(argv=None):
     import grpc
     import tensorflow as tf
 
-    if args.intra_op_threads:  # before any op: the pools cannot change once created
-        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    from serving.model_server.server import configure_tensorflow_threads
+
+    # The servers' own setter, before any op: the pools cannot change once created.
+    configure_tensorflow_threads(intra_op=args.intra_op_threads)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
