@@ -61,10 +61,12 @@ def test_same_seed_same_run_and_other_seed_differs(tiny_dataset, tmp_path):
     c = _train(tiny_dataset, tmp_path / "c", "--model", "dnn", "--epochs", "2",
                "--steps-per-epoch", "2", "--seed", "8")
     tf.keras.backend.clear_session()
-    assert a["train_loss_this_run"] == pytest.approx(b["train_loss_this_run"], rel=1e-5)
+    # Multi-threaded CPU reductions sum in a varying order (op determinism is not switched on),
+    # which moves the loss in the 5th digit; another seed moves the second epoch's by ~2%.
+    assert a["train_loss_this_run"] == pytest.approx(b["train_loss_this_run"], rel=1e-3)
     assert [h["eval_gauc"] for h in a["history"]] == pytest.approx(
-        [h["eval_gauc"] for h in b["history"]], rel=1e-5)
-    assert a["train_loss_this_run"] != pytest.approx(c["train_loss_this_run"], rel=1e-5)
+        [h["eval_gauc"] for h in b["history"]], rel=1e-3)
+    assert a["train_loss_this_run"] != pytest.approx(c["train_loss_this_run"], rel=1e-3)
 
 
 def test_vertex_ai_environment_sets_default_directories(monkeypatch, tmp_path):
