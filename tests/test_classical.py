@@ -271,6 +271,19 @@ def test_logistic_regression_does_not_depend_on_the_seed(generated_data):
     assert set(runs[0]["classical"]["eval_selection"]["click"]["scores"]) == {"logreg"}
 
 
+def test_mlp_learner_beats_random_and_repeats_per_seed(generated_data):
+    prepared = C.prepare(generated_data, split="eval")
+    first, again, other = (C.fit_and_evaluate(prepared, model="mlp", seed=seed)
+                           for seed in (0, 0, 4))
+    click = [r["model"]["tasks"]["click"]["gauc_request"] for r in (first, again, other)]
+    assert click[0] == click[1] and click[0] != click[2]
+    assert min(click) > 0.6, click
+    assert set(first["classical"]["chosen"].values()) == {"mlp"}
+    regression = first["model"].get("regression", {})
+    for task, figures in regression.items():  # watch time: a squared-loss net, clipped at 0
+        assert figures["mean_prediction"] >= 0, task
+
+
 def test_feature_groups_can_be_dropped():
     every = C.feature_columns(F.DEFAULT_TASKS)
     kept = C.feature_columns(F.DEFAULT_TASKS, ["history_similarity", "train_rates"])
@@ -290,7 +303,7 @@ def test_cli_help_is_fast_and_errors_are_clear(tmp_path, capsys):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: python -m trainer.classical ")
-    for option in ("--data", "--output", "--model", "--seed", "logreg", "gbdt", "best"):
+    for option in ("--data", "--output", "--model", "--seed", "logreg", "gbdt", "mlp", "best"):
         assert option in proc.stdout
     modules = imported_modules(proc.stderr)
     assert "argparse" in modules and "common" in modules  # the trace covers the entry point

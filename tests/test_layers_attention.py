@@ -323,3 +323,46 @@ def test_twin_gsu_and_esu_share_the_relevance():
     out2, _, _ = layer(target, perturb_padding(behaviours, x["mask"]),
                        perturb_padding(x["cross"], x["mask"]), x["mask"])
     np.testing.assert_allclose(out2.numpy(), out, atol=1e-5)
+
+
+def test_interest_centroids_match_a_numpy_reference():
+    from trainer.layers.interest_centroids import InterestCentroids
+
+    rng = np.random.default_rng(3)
+    d, units = 5, 3
+    target = rng.normal(size=(B, N, d)).astype(np.float32)
+    target_category = np.array([[1, 2, 0], [2, 2, 1]], np.int64)  # 0: unknown, matches all
+    behaviours = rng.normal(size=(B, S, d)).astype(np.float32)
+    behaviour_category = rng.integers(1, 3, size=(B, S)).astype(np.int32)
+    cross = rng.normal(size=(B, S, C)).astype(np.float32)
+    valid = np.arange(S)[None, :] < np.array([[5], [0]])  # the second request has no history
+    layer = InterestCentroids(units)
+    out = layer(target, target_category, behaviours, behaviour_category, cross, valid).numpy()
+    assert out.shape == (B, N, 2 * units)
+
+    weights = sigmoid(dense(layer.engagement, cross.astype(np.float64))) * valid[..., None]
+    expected = np.zeros((B, N, 2 * units))
+    for b in range(B):
+        for n in range(N):
+            same = (behaviour_category[b] == target_category[b, n]) | (target_category[b, n] == 0)
+            for u in range(units):
+                w = weights[b, :, u] * same
+                mass = w.sum()
+                expected[b, n, units + u] = np.log1p(mass)
+                if mass > 1e-6:
+                    centroid = (w[:, None] * behaviours[b]).sum(0) / mass
+                    expected[b, n, u] = centroid @ target[b, n] / (
+                        np.linalg.norm(centroid) * np.linalg.norm(target[b, n]))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert np.all(out[1] == 0)  # no valid behaviour: zeros, not NaN
+
+    # the ablation: every weight 1, so the centroid of the category's valid behaviours
+    plain = InterestCentroids(units, use_engagement_weighting=False)
+    flat = plain(target, target_category, behaviours, behaviour_category, cross, valid).numpy()
+    same = behaviour_category[0] == 1
+    centroid = behaviours[0][same & valid[0]].mean(0)
+    cos = centroid @ target[0, 0] / (np.linalg.norm(centroid) * np.linalg.norm(target[0, 0]))
+    np.testing.assert_allclose(flat[0, 0, :units], cos, rtol=1e-4)
+    np.testing.assert_allclose(flat[0, 0, units:], np.log1p((same & valid[0]).sum()), rtol=1e-5)
+    with pytest.raises(ValueError, match="units >= 1"):
+        InterestCentroids(0)

@@ -147,6 +147,28 @@ def test_interest_intensity_keeps_candidates_independent_and_padding_inert(data)
                                    atol=1e-6)
 
 
+def test_interest_centroids_keep_candidates_independent_and_padding_inert(data):
+    cfg = small("qin", interest_centroid_units=3)
+    model = build(data, cfg)
+    plain = build(data, small("qin"))
+    assert model.interest_centroids is not None and plain.interest_centroids is None
+    assert model.count_params() > plain.count_params()
+    batch = data["batch"]
+    full = numpy_outputs(model(batch))
+    assert not np.allclose(full["click"], numpy_outputs(plain(batch))["click"])
+    for b, n in ((0, 0), (1, 1), (2, 0)):
+        one = numpy_outputs(model(single_candidate(batch, b, n)))
+        for task in data["metadata"].tasks:
+            np.testing.assert_allclose(one[task][0, 0], full[task][b, n], rtol=1e-4, atol=1e-5)
+    scrambled = numpy_outputs(model(scramble_padding(batch, data["metadata"])))
+    valid = F.candidate_mask(batch).numpy()
+    for task in data["metadata"].tasks:
+        np.testing.assert_allclose(scrambled[task][valid], full[task][valid], rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="interest_centroid_units"):
+        small("qin", interest_centroid_units=-1)
+
+
 def scramble_padding(batch, metadata, seed=0):
     """Writes random but well-formed values into every padded slot (as TF Serving's batching
     may), leaving the valid prefix of every list untouched."""

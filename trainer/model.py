@@ -189,6 +189,13 @@ class RankingModel(tfrs.models.Model):
                 k1=c.k1, k2=c.k2, threshold=c.relevance_threshold, use_stage1=c.use_stage1,
                 use_stage2=c.use_stage2,
                 precomputed_stage1=self.metadata.long_term_mode == "stage1", name="rsu")
+            self.interest_centroids = None
+            if c.interest_centroid_units:
+                from trainer.layers.interest_centroids import InterestCentroids
+
+                self.interest_centroids = InterestCentroids(
+                    c.interest_centroid_units, c.use_engagement_weighting,
+                    name="interest_centroids")
             return FusedAttentionUnit(
                 hidden_units=c.hidden_units, attention_units=c.attention_units,
                 attention_fields=c.attention_fields, fusion_lambda=c.fusion_lambda,
@@ -306,6 +313,10 @@ class RankingModel(tfrs.models.Model):
                 e.id_field(s1(long.item), s1(long.author)),
                 e.attribute_field(s1(long.item), s1(long.category)),
                 s1(long.cross), idx, valid, relevance=relevance, training=training)
+            if self.interest_centroids is not None:
+                interest = tf.concat([interest, self.interest_centroids(
+                    target_content, cand_category[..., 0], stage1_content,
+                    s1(long.category)[..., 0], s1(long.cross), stage1_valid)], axis=-1)
             positions = masking.gather_positions(stage1_pos, idx)
             return interest, tf.where(valid, positions, -1), weights
         behaviour_id = e.id_field(long.item, long.author)
