@@ -482,7 +482,8 @@ def design_matrix(rows: SplitRows, statistics: Dict[str, np.ndarray],
 
 
 def make_learner(name: str, binary: bool, seed: int):
-    """A fresh scikit-learn estimator: `logreg` (linear) or `gbdt` (histogram boosting)."""
+    """A fresh scikit-learn estimator: `logreg` (linear), `gbdt` (histogram boosting) or `mlp`
+    (a small network)."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.linear_model import LogisticRegression, PoissonRegressor
     from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -728,8 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{MLP_EPOCHS} epochs); best: logreg and gbdt, the better per task "
                              "by eval GAUC by request")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the GBDT's early-stopping hold-out (logistic regression "
-                             "is deterministic)")
+                        help="seed of the GBDT's early-stopping hold-out and of the MLP's "
+                             "initialisation and shuffling (logistic regression is "
+                             "deterministic)")
     parser.add_argument("--split", default="test", choices=("eval", "test"),
                         help="split to evaluate on")
     parser.add_argument("--batch-size", type=int, default=256,
