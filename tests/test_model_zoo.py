@@ -128,14 +128,10 @@ def test_candidates_are_scored_independently(data, name):
     assert checked >= 6
 
 
-def test_interest_intensity_keeps_candidates_independent_and_padding_inert(data):
-    cfg = small("qin", interest_intensity_units=4)
-    model = build(data, cfg)
-    assert model.long_term_unit.output_units == cfg.hidden_units + 2 + 4
-    plain = build(data, small("qin", interest_intensity_units=0))
-    assert model.count_params() > plain.count_params()
+def check_independent_and_padding_inert(model, data, full):
+    """Each candidate scored alone gives its outputs in `full` (the whole batch's), and random
+    values in padded slots change no valid output."""
     batch = data["batch"]
-    full = numpy_outputs(model(batch))
     for b, n in ((0, 0), (1, 1), (2, 0)):
         one = numpy_outputs(model(single_candidate(batch, b, n)))
         for task in data["metadata"].tasks:
@@ -145,6 +141,17 @@ def test_interest_intensity_keeps_candidates_independent_and_padding_inert(data)
     for task in data["metadata"].tasks:
         np.testing.assert_allclose(scrambled[task][valid], full[task][valid], rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_interest_intensity_keeps_candidates_independent_and_padding_inert(data):
+    cfg = small("qin", interest_intensity_units=4)
+    model = build(data, cfg)
+    assert model.long_term_unit.output_units == cfg.hidden_units + 2 + 4
+    plain = build(data, small("qin", interest_intensity_units=0))
+    assert model.count_params() > plain.count_params()
+    batch = data["batch"]
+    full = numpy_outputs(model(batch))
+    check_independent_and_padding_inert(model, data, full)
 
 
 def test_interest_centroids_keep_candidates_independent_and_padding_inert(data):
@@ -156,15 +163,7 @@ def test_interest_centroids_keep_candidates_independent_and_padding_inert(data):
     batch = data["batch"]
     full = numpy_outputs(model(batch))
     assert not np.allclose(full["click"], numpy_outputs(plain(batch))["click"])
-    for b, n in ((0, 0), (1, 1), (2, 0)):
-        one = numpy_outputs(model(single_candidate(batch, b, n)))
-        for task in data["metadata"].tasks:
-            np.testing.assert_allclose(one[task][0, 0], full[task][b, n], rtol=1e-4, atol=1e-5)
-    scrambled = numpy_outputs(model(scramble_padding(batch, data["metadata"])))
-    valid = F.candidate_mask(batch).numpy()
-    for task in data["metadata"].tasks:
-        np.testing.assert_allclose(scrambled[task][valid], full[task][valid], rtol=1e-5,
-                                   atol=1e-6)
+    check_independent_and_padding_inert(model, data, full)
     with pytest.raises(ValueError, match="interest_centroid_units"):
         small("qin", interest_centroid_units=-1)
 
