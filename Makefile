@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 DEMO_DIR ?= demo_output
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv clean-demo
 
@@ -20,9 +21,12 @@ $(STAMP): requirements.txt
 	@cp requirements.txt $(STAMP)
 
 # Lint first (ruff.toml): a style or unused-name error fails fast, before the long suite.
+# Most tests keep one core busy, so the suite runs on TEST_WORKERS pytest-xdist processes, a test
+# file per worker at a time (a file's module fixtures, such as a trained model, are built once).
+# `make test TEST_WORKERS=0` runs it in this one process.
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # `make demo VERBOSE=1` also shows every line of the steps' logs (TensorFlow, Beam, KFP).
 demo: venv
