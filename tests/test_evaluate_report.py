@@ -1,5 +1,6 @@
 """`python -m trainer.evaluate` and `python -m trainer.report` as real command lines on the tiny
-dataset: metrics.json/metrics.md with the oracle row, and a 2-preset comparison table + PNG."""
+dataset: metrics.json/metrics.md with the oracle row; a tuned QIN + GBDT comparison table, PNG
+and per-layout summary."""
 import json
 import math
 import os
@@ -77,37 +78,6 @@ def test_evaluate_fails_clearly_without_a_trained_model(tiny_dataset, tmp_path):
                           "--model-dir", str(tmp_path / "none"), "--output", str(tmp_path / "e")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "model_config.json" in run.stderr
-
-
-def test_report_on_two_presets_writes_table_json_and_chart(tiny_dataset, tmp_path):
-    out = tmp_path / "report"
-    run = _run("trainer.report", "--data", tiny_dataset, "--output", str(out),
-               "--presets", "qin,dnn", "--epochs", "1", "--batch-size", "16", timeout=400)
-    report = json.loads((out / "report.json").read_text())
-    assert [r["model"] for r in report["rows"]] == ["qin", "dnn"]
-    assert report["seeds"] == [0]
-    oracle = report["oracle"]
-    for row in report["rows"]:
-        expected = (row["gauc_request"] - 0.5) / (oracle["gauc_request"] - 0.5)
-        assert math.isclose(row["gauc_request_lift_captured"], expected)
-        run_eval = out / "eval" / row["model"] / "seed_0"
-        metrics = json.loads((run_eval / "metrics.json").read_text())
-        assert row["auc"] == metrics["model"]["tasks"]["click"]["auc"]
-        assert row["auc_std"] is None  # one seed: no spread to show
-        # reliability bins of the same predictions: every test candidate in one bin
-        bins = json.loads((run_eval / "reliability.json").read_text())["click"]
-        assert sum(bins["count"]) == metrics["counts"]["candidates"]
-        assert row["reliability"] == bins
-        (seed_row,) = row["per_seed"]
-        assert len(seed_row["eval_gauc_per_epoch"]) == seed_row["epochs"] == 1
-    table = (out / "report.md").read_text()
-    assert "| qin |" in table and "| dnn |" in table and "oracle" in table
-    assert "GAUC lift captured" in table and "click GAUC by request" in table
-    assert report["verdict"] in table
-    assert report["verdict"].startswith("No winner is claimed: 1 seed(s)")
-    png = (out / "report.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "| qin |" in run.stdout
 
 
 def test_compute_metrics_with_watch_time_and_truth():
@@ -269,3 +239,103 @@ def test_table_and_figure_show_spread_over_seeds_and_undertrained_models(tmp_pat
 
     height, width = matplotlib.image.imread(str(path)).shape[:2]
     assert width > 2.5 * height  # three panels side by side: bars, learning curves, reliability
+
+
+def test_ablation_costs_are_full_qin_minus_each_ablation_paired_per_seed():
+    from trainer import report as R
+
+    report = _report({"qin": {0: 0.760, 1: 0.750, 2: 0.770},
+                      "qin_no_stage1": {0: 0.750, 1: 0.745, 2: 0.755},
+                      "dnn": {0: 0.700, 1: 0.700, 2: 0.700}})
+    text = R.ablation_costs(report["rows"])
+    differences = [0.010, 0.005, 0.015]
+    assert f"qin_no_stage1 {np.mean(differences):+.4f} ± {np.std(differences, ddof=1):.4f}" in text
+    assert "3 seed(s)" in text and "dnn" not in text  # baselines are not ablations
+    assert R.ablation_costs(_report({"qin": {0: 0.7}, "dnn": {0: 0.6}})["rows"]) is None
+
+
+def test_tuning_trials_are_the_same_draws_for_every_preset_on_top_of_the_given_config():
+    from trainer import report as R
+
+    assert R.trial_settings(0, 0.002, None) == {"learning_rate": 0.002, "config": None}
+    assert R.trial_settings(0, 0.002, '{"k1": 50}') == {"learning_rate": 0.002,
+                                                         "config": '{"k1": 50}'}
+    draws = [R.trial_settings(t, 0.002, '{"k1": 50}') for t in range(1, 6)]
+    assert draws == [R.trial_settings(t, 0.002, '{"k1": 50}') for t in range(1, 6)]
+    for draw in draws:
+        assert draw["learning_rate"] in R.SEARCH_SPACE["learning_rate"]
+        config = json.loads(draw["config"])
+        assert config.pop("k1") == 50
+        assert set(config) == set(R.SEARCH_SPACE) - {"learning_rate"}
+        assert all(config[key] in R.SEARCH_SPACE[key] for key in config)
+    assert len({d["config"] for d in draws}) > 1  # the trials do differ
+
+
+def test_report_tunes_adds_the_classical_baseline_and_writes_table_chart_and_summary(
+        tiny_dataset, tmp_path):
+    """One report run: QIN with two tuning trials and the GBDT baseline; the table, the JSON,
+    the figure, every run's evaluation and the per-layout summary agree."""
+    from trainer import report as R
+
+    out, summary_path = tmp_path / "report", tmp_path / "summary.json"
+    kept = {"oracle": 0.8, "nonpersonalized_oracle": 0.7, "models": {}}
+    summary_path.write_text(json.dumps({"other_layout": kept}))
+    run = _run("trainer.report", "--data", tiny_dataset, "--output", str(out),
+               "--presets", "qin,gbdt", "--epochs", "1", "--batch-size", "16",
+               "--tuning-trials", "2", "--cold-start-rate", "0", "--layout", "tiny",
+               "--summary", str(summary_path), timeout=500)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["qin", "gbdt"]
+
+    # both trials trained with seed 0; the better eval GAUC is chosen; trial 1 is the draw
+    tuning = report["tuning"]["presets"]["qin"]
+    scores = [json.loads((out / "models" / "qin" / f"trial_{t}" / "seed_0" /
+                          "training_summary.json").read_text())["best_eval_gauc"] for t in (0, 1)]
+    assert [t["eval_gauc"] for t in tuning["trials"]] == pytest.approx(scores)
+    assert tuning["chosen"]["trial"] == int(np.argmax(scores))
+    drawn = json.loads(R.trial_settings(1, 1e-3, None)["config"])
+    trained = json.loads((out / "models" / "qin" / "trial_1" / "seed_0" /
+                          "model_config.json").read_text())
+    assert {k: trained[k] for k in drawn} == drawn
+    assert "gbdt" not in report["tuning"]["presets"]  # the classical baseline takes no trials
+
+    qin, gbdt = report["rows"]
+    chosen_eval = out / "eval" / "qin" / f"trial_{tuning['chosen']['trial']}" / "seed_0"
+    assert qin["gauc_request"] == json.loads((chosen_eval / "metrics.json").read_text())[
+        "model"]["tasks"]["click"]["gauc_request"]
+    gbdt_metrics = json.loads((out / "eval" / "gbdt" / "seed_0" / "metrics.json").read_text())
+    assert gbdt_metrics["classical"]  # written by trainer.classical
+    assert gbdt["gauc_request"] == gbdt_metrics["model"]["tasks"]["click"]["gauc_request"]
+    assert report["seeds"] == [0]
+    oracle = report["oracle"]
+    for row in report["rows"]:
+        expected = (row["gauc_request"] - 0.5) / (oracle["gauc_request"] - 0.5)
+        assert math.isclose(row["gauc_request_lift_captured"], expected)
+        assert row["auc_std"] is None  # one seed: no spread to show
+    # reliability bins of the chosen run's predictions: every test candidate in one bin
+    bins = json.loads((chosen_eval / "reliability.json").read_text())["click"]
+    assert sum(bins["count"]) == json.loads((chosen_eval / "metrics.json").read_text())[
+        "counts"]["candidates"]
+    assert qin["reliability"] == bins
+    (seed_row,) = qin["per_seed"]
+    assert len(seed_row["eval_gauc_per_epoch"]) == seed_row["epochs"] == 1
+    table = (out / "report.md").read_text()
+    assert "| qin |" in table and "| gbdt |" in table and "oracle" in table
+    assert "GAUC lift captured" in table and "click GAUC by request" in table
+    assert "Tuning: 2 trials" in table
+    assert report["verdict"] in table and "gbdt" in report["verdict"]
+    assert report["verdict"].startswith("No winner is claimed: 1 seed(s)")
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| qin |" in run.stdout
+
+    summary = json.loads(summary_path.read_text())
+    assert summary["other_layout"] == kept  # other layouts are kept
+    tiny = summary["tiny"]
+    assert tiny["oracle"] == pytest.approx(report["oracle"]["gauc_request"])
+    assert tiny["nonpersonalized_oracle"] is None  # no --truth given
+    for row in report["rows"]:
+        entry = tiny["models"][row["model"]]
+        assert entry["gauc_mean"] == pytest.approx(row["gauc_request"])
+        assert entry["gauc_std"] is None and entry["seeds"] == 1
+        assert entry["per_seed"] == {"0": pytest.approx(row["gauc_request"])}

@@ -274,7 +274,7 @@ class ModelConfig:
         """A copy with the fields of a JSON object (string, or path to a .json file) replaced."""
         if not json_or_path:
             return self
-        raw = _read_json_argument(json_or_path)
+        raw = read_overrides(json_or_path)
         merged = self.to_dict()
         known = set(merged)
         unknown = sorted(set(raw) - known)
@@ -321,7 +321,8 @@ def _parse_json_object(text: str, what: str) -> Dict:
     return raw
 
 
-def _read_json_argument(json_or_path: str) -> Dict:
+def read_overrides(json_or_path: str) -> Dict:
+    """The JSON object of a `--config` argument: inline JSON, or the path of a .json file."""
     text = json_or_path.strip()
     if not text.startswith("{"):
         import tensorflow as tf

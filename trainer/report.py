@@ -1,7 +1,7 @@
 """Comparison report: QIN, every baseline and every ablation on one dataset, one command.
 
-    python -m trainer.report --data OUT --output R [--presets qin,dnn,...] [--epochs 5] \
-        [--seed 0 --seeds 3]
+    python -m trainer.report --data OUT --output R [--presets qin,dnn,gbdt,...] [--epochs 5] \
+        [--seed 0 --seeds 3] [--tuning-trials 4] [--layout canonical --summary docs/report.json]
 
 trains every preset of `trainer.config` (or the ones given) with the code of
 `python -m trainer.task` on the same data, once per seed (--seed, --seed + 1, ... --seeds of
@@ -17,6 +17,22 @@ process per preset and seed), and writes
                  diagrams of the click probability (test split)
   R/models/<preset>/seed_<s>/, R/eval/<preset>/seed_<s>/   each run's model and evaluation
                  (eval also holds reliability.json, the reliability bins of every binary task)
+
+Presets are those of `trainer.config` plus the classical baseline (`gbdt`, `logreg`: `python
+-m trainer.classical --model ...` on the same TFRecords, one run per seed).
+
+Tuning (`--tuning-trials N`): every neural preset gets the same N trials (trial 0 = the
+command's settings, trials 1.. drawn from SEARCH_SPACE by the trial number, identical for every
+preset), each trained with the first seed and scored by its best eval GAUC (the early-stopping
+score, eval split); the best trial's settings are then trained with the other seeds, and only
+the chosen trial enters the table. The classical baseline stops its boosting on its own
+hold-out and takes no trials.
+
+`--layout NAME --summary PATH` merges this report into PATH under NAME (other layouts stay):
+{"<layout>": {"oracle": x, "nonpersonalized_oracle": x, "models": {"<preset>": {"gauc_mean": x,
+"gauc_std": x, "seeds": n, ...}}}}, click GAUC by request on the report's split; the
+non-personalized oracle needs the generated side file (`--truth`, see
+`preprocessing.synthetic_layouts`).
 
 For generated data (true probabilities known) the table states how much of the oracle's lift
 over random each model captures: (metric - 0.5) / (oracle metric - 0.5), for click AUC and click
@@ -38,6 +54,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -48,7 +65,15 @@ from common.cli import HelpFormatter
 
 logger = logging.getLogger("trainer")
 
-BASELINES = ("dnn", "din", "sim_hard", "sim_soft", "twin")
+# Non-neural presets: report name -> `python -m trainer.classical --model`.
+CLASSICAL_PRESETS = {"gbdt": "gbdt", "logreg": "logreg"}
+DEFAULT_CLASSICAL = ("gbdt",)  # in the default preset list, after every trainer.config preset
+BASELINES = ("dnn", "din", "sim_hard", "sim_soft", "twin") + tuple(CLASSICAL_PRESETS)
+ABLATIONS = ("qin_no_stage1", "qin_no_stage2", "qin_no_engagement", "qin_id_only")
+# What the tuning trials draw from (trial 0 keeps the command's settings). Keys other than
+# learning_rate are ModelConfig fields; a field a model type does not use changes nothing.
+SEARCH_SPACE = {"learning_rate": (1e-3, 3e-3), "id_embedding_dim": (8, 16, 32),
+                "hidden_units": (32, 64), "k2": (10, 20, 40), "dropout": (0.0, 0.1)}
 REPORT_MD, REPORT_JSON, REPORT_PNG = "report.md", "report.json", "report.png"
 RELIABILITY_JSON = "reliability.json"
 # A winner is claimed only from at least this many seeds, by a paired test at this level.
@@ -203,9 +228,16 @@ def to_markdown(report: Dict) -> str:
         lines += [f"Still improving when the budget ran out (best epoch = last epoch, no early "
                   f"stop): {', '.join(improving)}; their numbers are those of undertrained "
                   "models.", ""]
-    verdict_text = report.get("verdict")
-    if verdict_text:
-        lines.append(verdict_text)
+    tuning = report.get("tuning")
+    if tuning:
+        chosen = ", ".join(f"{name} trial {t['chosen']['trial']}"
+                           for name, t in tuning["presets"].items())
+        lines += [f"Tuning: {tuning['trials']} trials per neural preset (trial 0 = the given "
+                  f"settings; the same draws from {json.dumps(tuning['search_space'])} for "
+                  f"every preset), chosen on {tuning['selected_on']}: {chosen}.", ""]
+    for text in (report.get("verdict"), report.get("ablations")):
+        if text:
+            lines += [text, ""]
     return "\n".join(lines) + "\n"
 
 
@@ -304,6 +336,30 @@ def verdict(rows: List[Dict]) -> Optional[str]:
             f"mean ± standard deviation: {tests}).")
 
 
+def ablation_costs(rows: List[Dict]) -> Optional[str]:
+    """What removing each QIN mechanism costs on click GAUC by request: full QIN minus the
+    ablation, paired per seed (mean ± standard deviation, paired t-test p-value)."""
+    by_model = {r["model"]: r for r in rows}
+    present = [a for a in ABLATIONS if a in by_model]
+    if "qin" not in by_model or not present:
+        return None
+
+    def per_seed(row):
+        return {r["seed"]: r["gauc_request"] for r in row["per_seed"]}
+
+    qin = per_seed(by_model["qin"])
+    parts = []
+    for name in present:
+        other = per_seed(by_model[name])
+        seeds = sorted(set(qin) & set(other))
+        c = paired_comparison([qin[s] for s in seeds], [other[s] for s in seeds])
+        spread = "" if c["std"] is None else f" ± {c['std']:.4f}"
+        test = f", p = {c['p_value']:.3f}" if math.isfinite(c["p_value"]) else ""
+        parts.append(f"{name} {c['mean']:+.4f}{spread} ({c['n']} seed(s){test})")
+    return ("Cost of each ablation (full QIN minus the ablation, click GAUC by request, paired "
+            "per seed): " + "; ".join(parts) + ".")
+
+
 def plot(report: Dict, path: str) -> None:
     """report.png: bars with values and error bars, learning curves, reliability diagrams."""
     import matplotlib
@@ -382,6 +438,22 @@ def plot(report: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def trial_settings(trial: int, learning_rate: float, config: Optional[str]) -> Dict:
+    """The learning rate and the --config JSON of tuning trial `trial`: trial 0 is the
+    command's own settings; trial t >= 1 draws every SEARCH_SPACE key with random.Random(t), so
+    every preset gets the same trials, on top of the command's --config."""
+    from trainer import config as config_lib
+
+    overrides = config_lib.read_overrides(config) if config else {}
+    if trial > 0:
+        rng = random.Random(trial)
+        drawn = {key: rng.choice(values) for key, values in SEARCH_SPACE.items()}
+        learning_rate = drawn.pop("learning_rate")
+        overrides = {**overrides, **drawn}
+    return {"learning_rate": learning_rate,
+            "config": json.dumps(overrides, sort_keys=True) if overrides else None}
+
+
 def _task_arguments(args, preset: str, model_dir: str, seed: int) -> List[str]:
     argv = ["--data", args.data, "--model-dir", model_dir, "--model", preset,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -390,16 +462,20 @@ def _task_arguments(args, preset: str, model_dir: str, seed: int) -> List[str]:
             "--log-every-steps", str(args.log_every_steps)]
     if args.steps_per_epoch:
         argv += ["--steps-per-epoch", str(args.steps_per_epoch)]
+    if args.cold_start_rate is not None:
+        argv += ["--cold-start-rate", str(args.cold_start_rate)]
     if args.config:
         argv += ["--config", args.config]
     return argv
 
 
-def run_directories(output: str, preset: str, seed: int) -> Dict[str, str]:
-    run = f"seed_{seed}"
+def run_directories(output: str, preset: str, seed: int, trial: Optional[int] = None
+                    ) -> Dict[str, str]:
+    """Where one run's model, evaluation and log go; tuning trials get their own folders."""
+    run = f"seed_{seed}" if trial is None else os.path.join(f"trial_{trial}", f"seed_{seed}")
     return {"model": os.path.join(output, "models", preset, run),
             "eval": os.path.join(output, "eval", preset, run),
-            "log": os.path.join(output, "logs", f"{preset}_{run}.log")}
+            "log": os.path.join(output, "logs", f"{preset}_{run.replace(os.sep, '_')}.log")}
 
 
 def run_one(args) -> None:
@@ -416,7 +492,7 @@ def run_one(args) -> None:
     from trainer.config import ModelConfig
 
     preset, seed = args.run_one, args.seed
-    dirs = run_directories(args.output, preset, seed)
+    dirs = run_directories(args.output, preset, seed, args.trial)
     task.train(task.build_parser().parse_args(_task_arguments(args, preset, dirs["model"],
                                                               seed)))
     tf.keras.backend.clear_session()
@@ -445,41 +521,115 @@ def _read_json(path: str) -> Optional[Dict]:
         return json.load(f)
 
 
-def run_report(args) -> Dict:
+def _train_and_evaluate(args, preset: str, seed: int, trial: Optional[int],
+                        settings: Dict) -> Dict[str, str]:
+    """One neural run (trainer.task, then trainer.evaluate on --split) in its own process."""
+    dirs = run_directories(args.output, preset, seed, trial)
+    command = [sys.executable, "-m", "trainer.report", "--run-one", preset, "--data", args.data,
+               "--output", args.output, "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size), "--learning-rate",
+               str(settings["learning_rate"]), "--seed", str(seed),
+               "--early-stopping-patience", str(args.early_stopping_patience),
+               "--log-every-steps", str(args.log_every_steps), "--split", args.split]
+    if trial is not None:
+        command += ["--trial", str(trial)]
+    if args.steps_per_epoch:
+        command += ["--steps-per-epoch", str(args.steps_per_epoch)]
+    if args.cold_start_rate is not None:
+        command += ["--cold-start-rate", str(args.cold_start_rate)]
+    if settings["config"]:
+        command += ["--config", settings["config"]]
+    label = f"{preset} seed {seed}" + ("" if trial is None else f" trial {trial}")
+    _run(command, label, dirs["log"])
+    return dirs
+
+
+def _classical(args, preset: str, seed: int) -> Dict[str, str]:
+    """One classical-baseline run (python -m trainer.classical); skipped when its metrics on
+    this split are already there (it has no checkpoint to resume from)."""
+    dirs = run_directories(args.output, preset, seed)
+    done = _read_json(os.path.join(dirs["eval"], "metrics.json"))
+    if done is not None and done.get("split") == args.split:
+        logger.info("%s seed %d: evaluation on %s found, not refitted", preset, seed, args.split)
+        return dirs
+    _run([sys.executable, "-m", "trainer.classical", "--data", args.data, "--output",
+          dirs["eval"], "--model", CLASSICAL_PRESETS[preset], "--seed", str(seed),
+          "--split", args.split], f"{preset} seed {seed}", dirs["log"])
+    return dirs
+
+
+def _tune(args, preset: str, seed: int, done: List[int], total: int) -> Dict:
+    """Runs the tuning trials of one neural preset with `seed`; the best by eval GAUC."""
+    trials = []
+    for trial in range(args.tuning_trials):
+        settings = trial_settings(trial, args.learning_rate, args.config)
+        done[0] += 1
+        logger.info("[%d/%d] tuning %s, trial %d, seed %d: learning rate %g, config %s",
+                    done[0], total, preset, trial, seed, settings["learning_rate"],
+                    settings["config"] or "{}")
+        dirs = _train_and_evaluate(args, preset, seed, trial, settings)
+        summary = _read_json(os.path.join(dirs["model"], "training_summary.json")) or {}
+        score = summary.get("best_eval_gauc")
+        score = float(score) if score is not None and math.isfinite(score) else float("-inf")
+        trials.append({"trial": trial, "eval_gauc": score, **settings})
+    best = max(trials, key=lambda t: t["eval_gauc"])  # ties: the earlier trial
+    logger.info("%s: trial %d chosen (eval GAUC %.4f)", preset, best["trial"], best["eval_gauc"])
+    return {"chosen": best, "trials": trials}
+
+
+def _presets(args) -> List[str]:
     from trainer import config as config_lib
 
+    known = list(config_lib.PRESETS) + list(CLASSICAL_PRESETS)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets \
-        else list(config_lib.PRESETS)
-    unknown = [p for p in presets if p not in config_lib.PRESETS]
+        else list(config_lib.PRESETS) + list(DEFAULT_CLASSICAL)
+    unknown = [p for p in presets if p not in known]
     if unknown:
-        raise ValueError(f"unknown presets {unknown}; choose from {', '.join(config_lib.PRESETS)}")
+        raise ValueError(f"unknown presets {unknown}; choose from {', '.join(known)}")
+    return presets
+
+
+def run_report(args) -> Dict:
+    presets = _presets(args)
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if args.tuning_trials < 1:
+        raise ValueError("--tuning-trials must be >= 1 (1: no tuning, the given settings)")
+    if (args.summary is None) != (args.layout is None):
+        raise ValueError("--summary and --layout go together: the summary file keeps one entry "
+                         "per layout")
     from common import features as F
 
     F.DatasetMetadata.load(args.data)  # fail fast on a wrong --data
+    if args.truth and not os.path.exists(args.truth):
+        raise FileNotFoundError(f"--truth {args.truth} does not exist")
     os.makedirs(args.output, exist_ok=True)
     seeds = [args.seed + i for i in range(args.seeds)]
-    python = sys.executable
-    rows, oracle_metrics, task = [], None, None
-    total, done = len(presets) * len(seeds), 0
+    tuned = args.tuning_trials > 1
+    neural = [p for p in presets if p not in CLASSICAL_PRESETS]
+    total = (len(presets) * len(seeds)
+             + (len(neural) * (args.tuning_trials - 1) if tuned else 0))
+    done = [0]
+    rows, oracle_metrics, task, tuning = [], None, None, {}
     for preset in presets:
         runs, reliability = [], None
+        settings, trial = trial_settings(0, args.learning_rate, args.config), None
+        if tuned and preset in neural:
+            tuning[preset] = _tune(args, preset, seeds[0], done, total)
+            chosen = tuning[preset]["chosen"]
+            trial = chosen["trial"]
+            settings = {"learning_rate": chosen["learning_rate"], "config": chosen["config"]}
         for seed in seeds:
-            done += 1
-            dirs = run_directories(args.output, preset, seed)
-            logger.info("[%d/%d] training %s, seed %d", done, total, preset, seed)
-            command = [python, "-m", "trainer.report", "--run-one", preset, "--data", args.data,
-                       "--output", args.output, "--epochs", str(args.epochs),
-                       "--batch-size", str(args.batch_size), "--learning-rate",
-                       str(args.learning_rate), "--seed", str(seed),
-                       "--early-stopping-patience", str(args.early_stopping_patience),
-                       "--log-every-steps", str(args.log_every_steps), "--split", args.split]
-            if args.steps_per_epoch:
-                command += ["--steps-per-epoch", str(args.steps_per_epoch)]
-            if args.config:
-                command += ["--config", args.config]
-            _run(command, f"{preset} seed {seed}", dirs["log"])
+            if tuned and preset in neural and seed == seeds[0]:
+                dirs = run_directories(args.output, preset, seed, trial)  # the trial's own run
+            elif preset in CLASSICAL_PRESETS:
+                done[0] += 1
+                logger.info("[%d/%d] fitting %s, seed %d", done[0], total, preset, seed)
+                dirs = _classical(args, preset, seed)
+            else:
+                done[0] += 1
+                logger.info("[%d/%d] training %s, seed %d", done[0], total, preset, seed)
+                dirs = _train_and_evaluate(args, preset, seed, trial, settings)
             metrics = _read_json(os.path.join(dirs["eval"], "metrics.json"))
             training = _read_json(os.path.join(dirs["model"], "training_summary.json"))
             oracle_metrics = oracle_metrics or metrics.get("oracle")
@@ -498,14 +648,61 @@ def run_report(args) -> Dict:
     report = {"data": args.data, "split": args.split, "seeds": seeds, "epochs": args.epochs,
               "early_stopping_patience": args.early_stopping_patience,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate, "task": task,
-              "presets": presets, "rows": rows, "oracle": oracle_row}
+              "cold_start_rate": args.cold_start_rate, "presets": presets, "rows": rows,
+              "oracle": oracle_row,
+              "tuning": {"trials": args.tuning_trials, "search_space": SEARCH_SPACE,
+                         "selected_on": "best eval click GAUC by request, first seed",
+                         "presets": tuning} if tuned else None}
     report["verdict"] = verdict(rows)
+    report["ablations"] = ablation_costs(rows)
     with open(os.path.join(args.output, REPORT_JSON), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
     with open(os.path.join(args.output, REPORT_MD), "w") as f:
         f.write(to_markdown(report))
     plot(report, os.path.join(args.output, REPORT_PNG))
+    if args.summary:
+        nonpersonalized = None
+        if args.truth:
+            from preprocessing.synthetic_layouts import oracle_gauc
+
+            nonpersonalized = oracle_gauc(args.data, args.truth, args.split).nonpersonalized_oracle
+        write_layout_summary(args.summary, args.layout, report, nonpersonalized)
     return report
+
+
+def layout_summary(report: Dict, nonpersonalized_oracle: Optional[float]) -> Dict:
+    """One layout's entry of the summary file: the oracles and, per model, the mean and
+    standard deviation of click GAUC by request over its seeds (and the per-seed values, so
+    comparisons stay paired)."""
+    def number(value):
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    oracle = report.get("oracle")
+    return {"oracle": number(oracle["gauc_request"]) if oracle else None,
+            "nonpersonalized_oracle": number(nonpersonalized_oracle),
+            "split": report["split"], "task": report["task"], "budget": budget_line(report),
+            "models": {r["model"]: {"gauc_mean": number(r["gauc_request"]),
+                                    "gauc_std": number(r.get("gauc_request_std")),
+                                    "seeds": len(r["per_seed"]),
+                                    "per_seed": {str(p["seed"]): number(p["gauc_request"])
+                                                 for p in r["per_seed"]}}
+                       for r in report["rows"]}}
+
+
+def write_layout_summary(path: str, layout: str, report: Dict,
+                         nonpersonalized_oracle: Optional[float]) -> Dict:
+    """Replaces `layout`'s entry of the summary JSON at `path` (created when missing; the
+    other layouts are kept) and writes it atomically."""
+    summary = _read_json(path) or {}
+    summary[layout] = layout_summary(report, nonpersonalized_oracle)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(temporary, path)
+    logger.info("%s: layout %r written", path, layout)
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,7 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report directory (report.md, report.json, report.png, one "
                              "model directory and evaluation per preset, logs)")
     parser.add_argument("--presets", default=None,
-                        help="comma-separated presets; default: all of trainer.config.PRESETS")
+                        help="comma-separated presets: those of trainer.config.PRESETS and the "
+                             f"classical {', '.join(CLASSICAL_PRESETS)} (python -m "
+                             "trainer.classical); default: every trainer.config preset and "
+                             f"{', '.join(DEFAULT_CLASSICAL)}")
     parser.add_argument("--epochs", type=int, default=5,
                         help="maximum epochs per model (python -m trainer.task --epochs)")
     parser.add_argument("--batch-size", type=int, default=256, help="requests per batch")
@@ -550,7 +750,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the table is computed on")
     parser.add_argument("--log-every-steps", type=int, default=100,
                         help="training progress line every N steps (in each model's log)")
+    parser.add_argument("--cold-start-rate", type=float, default=None,
+                        help="python -m trainer.task --cold-start-rate for every neural run; "
+                             "default: the trainer's")
+    parser.add_argument("--tuning-trials", type=int, default=1,
+                        help="trials per neural preset over learning rate, sizes and K2, the "
+                             "same for every preset, chosen on eval GAUC with the first seed; "
+                             "1: no tuning")
+    parser.add_argument("--layout", default=None,
+                        help="name of this data's layout in --summary (canonical, kuaisar, ...)")
+    parser.add_argument("--summary", default=None,
+                        help="JSON file that keeps one entry per layout (e.g. docs/report.json); "
+                             "this report replaces --layout's entry")
+    parser.add_argument("--truth", default=None,
+                        help="generated side file (truth.parquet of preprocessing."
+                             "synthetic_layouts) for the non-personalized oracle in --summary")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one run
+    parser.add_argument("--trial", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
