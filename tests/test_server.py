@@ -464,9 +464,22 @@ def test_tensorflow_thread_flags_set_the_pools_before_any_op_and_refuse_late_cha
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "1 2"
     assert lines[-1] == "refused: True"
-    negative = subprocess.run(
-        [sys.executable, "-m", "serving.model_server", "--model-base-path", ROOT,
-         "--tensorflow-intra-op-parallelism", "-1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert negative.returncode == 2
-    assert "must be >= 0" in negative.stderr
+
+
+def test_out_of_range_numeric_flags_are_refused_before_tensorflow_loads():
+    for flag, value, message in (("--tensorflow-intra-op-parallelism", "-1", "must be >= 0"),
+                                 ("--port", "-5", "must be >= 0"),
+                                 ("--grpc-threads", "0", "must be >= 1"),
+                                 ("--max-request-elements", "-3", "must be >= 1"),
+                                 ("--drain-seconds", "-1", "must be >= 0"),
+                                 ("--lame-duck-seconds", "nan", "must be >= 0"),
+                                 ("--grpc-threads", "many", "'many' is not an integer")):
+        refused = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "serving.model_server",
+             "--model-base-path", ROOT, flag, value],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, (flag, value)
+        assert f"argument {flag}: {message}" in refused.stderr, refused.stderr[-500:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in refused.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "tensorflow" not in imported and "grpc" not in imported, (flag, value)

@@ -23,6 +23,26 @@ DEFAULT_REST_API_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_REST_API_CONNECTIONS = 64
 
 
+def _bounded(cast, low: float, what: str):
+    """An argparse type: `cast` of the text, refused below `low` at parse time (before the
+    server imports TensorFlow and gRPC, so a typo costs no start-up)."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}; got {text}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+NON_NEGATIVE_INT = _bounded(int, 0, "an integer")
+POSITIVE_INT = _bounded(int, 1, "an integer")
+NON_NEGATIVE_SECONDS = _bounded(float, 0.0, "a number of seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving.model_server",
@@ -40,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latest[:N] (newest N working versions), all, or specific:V1,V2")
     g.add_argument("--version-labels", default="",
                    help="label=version pairs, e.g. stable=3,canary=4 (ModelSpec.version_label)")
-    g.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
+    g.add_argument("--file-system-poll-wait-seconds", type=NON_NEGATIVE_SECONDS, default=1.0,
                    help="how often to look for new/removed versions; 0 = load once at start")
     g.add_argument("--no-warmup", action="store_true",
                    help="do not replay assets.extra/tf_serving_warmup_requests on load")
@@ -70,44 +90,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch_timeout_micros; stock TF Serving always waits")
     g = p.add_argument_group("network and limits")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    g.add_argument("--port", type=int, default=P.DEFAULT_GRPC_PORT,
+    g.add_argument("--port", type=NON_NEGATIVE_INT, default=P.DEFAULT_GRPC_PORT,
                    help="gRPC port (0 = any free port)")
-    g.add_argument("--rest-api-port", type=int, default=P.DEFAULT_REST_PORT,
+    g.add_argument("--rest-api-port", type=NON_NEGATIVE_INT, default=P.DEFAULT_REST_PORT,
                    help="port of TF Serving's JSON REST API (/v1/models/...); 0 disables it")
-    g.add_argument("--rest-api-num-threads", type=int, default=DEFAULT_REST_API_CONNECTIONS,
+    g.add_argument("--rest-api-num-threads", type=POSITIVE_INT,
+                   default=DEFAULT_REST_API_CONNECTIONS,
                    help="REST connections served at once (one thread each); more get 503")
-    g.add_argument("--rest-api-max-body-bytes", type=int,
+    g.add_argument("--rest-api-max-body-bytes", type=POSITIVE_INT,
                    default=DEFAULT_REST_API_MAX_BODY_BYTES,
                    help="largest REST request body (413 above); parsed JSON takes up to ~25x "
                         "this, so it is smaller than the gRPC message limit")
-    g.add_argument("--grpc-max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+    g.add_argument("--grpc-max-message-bytes", type=POSITIVE_INT, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest request/response message; larger ones get RESOURCE_EXHAUSTED. "
                         "A request's decoded tensors may take at most twice this")
-    g.add_argument("--max-request-elements", type=int, default=DEFAULT_MAX_REQUEST_ELEMENTS,
+    g.add_argument("--max-request-elements", type=POSITIVE_INT,
+                   default=DEFAULT_MAX_REQUEST_ELEMENTS,
                    help="largest total number of tensor elements one request declares "
                         "(INVALID_ARGUMENT above)")
-    g.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
+    g.add_argument("--max-batch-rows", type=POSITIVE_INT, default=DEFAULT_MAX_BATCH_ROWS,
                    help="largest dimension 0 / number of examples in one request")
-    g.add_argument("--max-broadcast-bytes", type=int, default=DEFAULT_MAX_BROADCAST_BYTES,
+    g.add_argument("--max-broadcast-bytes", type=POSITIVE_INT, default=DEFAULT_MAX_BROADCAST_BYTES,
                    help="largest expansion of a TensorProto that holds fewer values than its "
                         "shape declares (the last value repeated)")
     g.add_argument("--allow-non-finite-inputs", action="store_true",
                    help="pass NaN/Inf float inputs to the model instead of rejecting them")
     g.add_argument("--allow-non-finite-outputs", action="store_true",
                    help="return NaN/Inf model outputs instead of INVALID_ARGUMENT")
-    g.add_argument("--grpc-threads", type=int, default=64,
+    g.add_argument("--grpc-threads", type=POSITIVE_INT, default=64,
                    help="RPC worker threads (more than 2 x max_batch_size helps batching)")
-    g.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
+    g.add_argument("--tensorflow-intra-op-parallelism", type=NON_NEGATIVE_INT, default=0,
                    help="threads one TensorFlow op may use (0 = TensorFlow's choice, as in "
                         "tensorflow_model_server). On a few cores with many small requests, 1 "
                         "is faster: concurrency then comes from requests (docs/BENCHMARKS.md)")
-    g.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
+    g.add_argument("--tensorflow-inter-op-parallelism", type=NON_NEGATIVE_INT, default=0,
                    help="ops TensorFlow may run at once (0 = TensorFlow's choice)")
     g = p.add_argument_group("shutdown")
-    g.add_argument("--lame-duck-seconds", type=float, default=DEFAULT_LAME_DUCK_SECONDS,
+    g.add_argument("--lame-duck-seconds", type=NON_NEGATIVE_SECONDS,
+                   default=DEFAULT_LAME_DUCK_SECONDS,
                    help="on SIGTERM, how long health says NOT_SERVING while requests are still "
                         "served (load balancers move away) before the drain starts")
-    g.add_argument("--drain-seconds", type=float, default=30.0,
+    g.add_argument("--drain-seconds", type=NON_NEGATIVE_SECONDS, default=30.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
