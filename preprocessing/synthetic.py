@@ -429,12 +429,13 @@ class UserLog:
 
 
 DEEP_REPLAY_SHARE, DEEP_REPLAY_GAMMA = 0.3, (1.5, 0.4)  # replays: share, gamma (shape, scale)
+DEEP_WATCH_MIN_RATIO = 0.8  # a deep view is watched to at least this share (short ones stay below)
 SHORT_WATCH_BETA, SHORT_WATCH_CAP = (1.3, 5.0), 0.79
 
 
 def _deep_watch_ratio(rng, n):
     # Fully watched, often re-watched: 0.8-1.0, plus a tail of replays up to ~3x.
-    wr = rng.uniform(0.8, 1.0, n)
+    wr = rng.uniform(DEEP_WATCH_MIN_RATIO, 1.0, n)
     replay = rng.random(n) < DEEP_REPLAY_SHARE
     return np.where(replay, wr + rng.gamma(DEEP_REPLAY_GAMMA[0], DEEP_REPLAY_GAMMA[1], n), wr)
 

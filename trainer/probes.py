@@ -41,7 +41,7 @@ import os
 import sys
 from typing import Dict, Optional
 
-DEEP_WATCH_RATIO = 0.8  # the generator's deep engagement: watched to at least 80 %
+from preprocessing.synthetic import DEEP_WATCH_MIN_RATIO as DEEP_WATCH_RATIO
 
 
 def _truth(raw_dir: str):
