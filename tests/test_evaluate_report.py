@@ -339,3 +339,30 @@ def test_report_tunes_adds_the_classical_baseline_and_writes_table_chart_and_sum
         assert entry["gauc_mean"] == pytest.approx(row["gauc_request"])
         assert entry["gauc_std"] is None and entry["seeds"] == 1
         assert entry["per_seed"] == {"0": pytest.approx(row["gauc_request"])}
+
+
+def test_a_failed_tuning_trial_is_left_out_and_all_failed_is_an_error(tmp_path, monkeypatch):
+    import types
+
+    from trainer import report as R
+
+    args = types.SimpleNamespace(tuning_trials=3, learning_rate=1e-3, config=None,
+                                 output=str(tmp_path))
+    scores = {0: 0.71, 2: 0.73}
+
+    def fake_run(args, preset, seed, trial, settings):
+        if trial not in scores:
+            raise RuntimeError(f"trial {trial} refused")
+        dirs = R.run_directories(args.output, preset, seed, trial)
+        os.makedirs(dirs["model"], exist_ok=True)
+        with open(os.path.join(dirs["model"], "training_summary.json"), "w") as f:
+            json.dump({"best_eval_gauc": scores[trial]}, f)
+        return dirs
+
+    monkeypatch.setattr(R, "_train_and_evaluate", fake_run)
+    tuning = R._tune(args, "qin", 0, [0], 3)
+    assert tuning["chosen"]["trial"] == 2
+    assert [t.get("error") for t in tuning["trials"]] == [None, "trial 1 refused", None]
+    scores.clear()
+    with pytest.raises(RuntimeError, match="every tuning trial of qin failed"):
+        R._tune(args, "qin", 0, [0], 3)

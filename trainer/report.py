@@ -567,11 +567,20 @@ def _tune(args, preset: str, seed: int, done: List[int], total: int) -> Dict:
         logger.info("[%d/%d] tuning %s, trial %d, seed %d: learning rate %g, config %s",
                     done[0], total, preset, trial, seed, settings["learning_rate"],
                     settings["config"] or "{}")
-        dirs = _train_and_evaluate(args, preset, seed, trial, settings)
+        try:
+            dirs = _train_and_evaluate(args, preset, seed, trial, settings)
+        except RuntimeError as e:  # e.g. a draw the data refuses (K2 above the data's K1)
+            logger.warning("%s trial %d failed and is left out: %s", preset, trial, e)
+            trials.append({"trial": trial, "eval_gauc": float("-inf"), "error": str(e),
+                           **settings})
+            continue
         summary = _read_json(os.path.join(dirs["model"], "training_summary.json")) or {}
         score = summary.get("best_eval_gauc")
         score = float(score) if score is not None and math.isfinite(score) else float("-inf")
         trials.append({"trial": trial, "eval_gauc": score, **settings})
+    if all("error" in t for t in trials):
+        raise RuntimeError(f"every tuning trial of {preset} failed; see its logs in "
+                           f"{os.path.join(args.output, 'logs')}")
     best = max(trials, key=lambda t: t["eval_gauc"])  # ties: the earlier trial
     logger.info("%s: trial %d chosen (eval GAUC %.4f)", preset, best["trial"], best["eval_gauc"])
     return {"chosen": best, "trials": trials}
