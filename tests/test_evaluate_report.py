@@ -366,3 +366,17 @@ def test_a_failed_tuning_trial_is_left_out_and_all_failed_is_an_error(tmp_path, 
     scores.clear()
     with pytest.raises(RuntimeError, match="every tuning trial of qin failed"):
         R._tune(args, "qin", 0, [0], 3)
+
+
+def test_layout_summary_takes_the_oracle_from_the_side_file_when_the_data_has_none():
+    from trainer import report as R
+
+    report = _report({"qin": {0: 0.74, 1: 0.75}, "dnn": {0: 0.70, 1: 0.72}})
+    entry = R.layout_summary(report, 0.76)
+    assert entry["oracle"] == 0.81 and entry["nonpersonalized_oracle"] == 0.76
+    assert entry["models"]["dnn"] == {"gauc_mean": pytest.approx(0.71),
+                                      "gauc_std": pytest.approx(np.std([0.70, 0.72], ddof=1)),
+                                      "seeds": 2, "per_seed": {"0": 0.70, "1": 0.72}}
+    report["oracle"] = None  # a public layout: no true probabilities in its TFRecords
+    assert R.layout_summary(report, 0.76, truth_oracle=0.8)["oracle"] == 0.8
+    assert R.layout_summary(report, None)["oracle"] is None

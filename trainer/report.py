@@ -670,24 +670,30 @@ def run_report(args) -> Dict:
         f.write(to_markdown(report))
     plot(report, os.path.join(args.output, REPORT_PNG))
     if args.summary:
-        nonpersonalized = None
+        truth = None
         if args.truth:
             from preprocessing.synthetic_layouts import oracle_gauc
 
-            nonpersonalized = oracle_gauc(args.data, args.truth, args.split).nonpersonalized_oracle
-        write_layout_summary(args.summary, args.layout, report, nonpersonalized)
+            truth = oracle_gauc(args.data, args.truth, args.split)
+        write_layout_summary(args.summary, args.layout, report,
+                             truth.nonpersonalized_oracle if truth else None,
+                             truth.oracle if truth else None)
     return report
 
 
-def layout_summary(report: Dict, nonpersonalized_oracle: Optional[float]) -> Dict:
+def layout_summary(report: Dict, nonpersonalized_oracle: Optional[float],
+                   truth_oracle: Optional[float] = None) -> Dict:
     """One layout's entry of the summary file: the oracles and, per model, the mean and
     standard deviation of click GAUC by request over its seeds (and the per-seed values, so
-    comparisons stay paired)."""
+    comparisons stay paired). The oracle comes from the side file when given (public layouts
+    carry no true probabilities in their TFRecords), else from the evaluation's oracle row."""
     def number(value):
         return None if value is None or not math.isfinite(value) else float(value)
 
     oracle = report.get("oracle")
-    return {"oracle": number(oracle["gauc_request"]) if oracle else None,
+    if truth_oracle is None and oracle:
+        truth_oracle = oracle["gauc_request"]
+    return {"oracle": number(truth_oracle),
             "nonpersonalized_oracle": number(nonpersonalized_oracle),
             "split": report["split"], "task": report["task"], "budget": budget_line(report),
             "models": {r["model"]: {"gauc_mean": number(r["gauc_request"]),
@@ -699,11 +705,12 @@ def layout_summary(report: Dict, nonpersonalized_oracle: Optional[float]) -> Dic
 
 
 def write_layout_summary(path: str, layout: str, report: Dict,
-                         nonpersonalized_oracle: Optional[float]) -> Dict:
+                         nonpersonalized_oracle: Optional[float],
+                         truth_oracle: Optional[float] = None) -> Dict:
     """Replaces `layout`'s entry of the summary JSON at `path` (created when missing; the
     other layouts are kept) and writes it atomically."""
     summary = _read_json(path) or {}
-    summary[layout] = layout_summary(report, nonpersonalized_oracle)
+    summary[layout] = layout_summary(report, nonpersonalized_oracle, truth_oracle)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
