@@ -64,8 +64,11 @@ def test_same_seed_same_run_and_other_seed_differs(tiny_dataset, tmp_path):
     # Multi-threaded CPU reductions sum in a varying order (op determinism is not switched on),
     # which moves the loss in the 5th digit; another seed moves the second epoch's by ~2%.
     assert a["train_loss_this_run"] == pytest.approx(b["train_loss_this_run"], rel=1e-3)
+    # After 4 steps many scores in the tiny eval split are near-ties, so those 5th-digit
+    # differences can swap a pair: one swap moves its GAUC by ~0.004 (measured 0.3347 vs
+    # 0.3308 with the suite on two workers).
     assert [h["eval_gauc"] for h in a["history"]] == pytest.approx(
-        [h["eval_gauc"] for h in b["history"]], rel=1e-3)
+        [h["eval_gauc"] for h in b["history"]], abs=0.01)
     assert a["train_loss_this_run"] != pytest.approx(c["train_loss_this_run"], rel=1e-3)
 
 
