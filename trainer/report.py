@@ -779,8 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON file that keeps one entry per layout (e.g. docs/report.json); "
                              "this report replaces --layout's entry")
     parser.add_argument("--truth", default=None,
-                        help="generated side file (truth.parquet of preprocessing."
-                             "synthetic_layouts) for the non-personalized oracle in --summary")
+                        help="generated side file (truth_probabilities.parquet of "
+                             "preprocessing.synthetic_layouts): the oracle and the "
+                             "non-personalized oracle in --summary")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one run
     parser.add_argument("--trial", type=int, default=None, help=argparse.SUPPRESS)
     return parser
